@@ -1,0 +1,24 @@
+"""`python -m vocseg COMMAND ...`: the tools around training."""
+
+import sys
+
+COMMANDS = {
+    "check-data": ("vocseg.data.check", "validate VOC / SBD trees: counts, bad samples, class frequencies"),
+    "make-synthetic": ("vocseg.data.synthetic", "write a small synthetic VOC/SBD tree (same as python -m vocseg.data.synthetic)"),
+}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print("usage: python -m vocseg COMMAND [options]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<16} {help_text}")
+        return 0 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(COMMANDS[sys.argv[1]][0])
+    return module.main(sys.argv[2:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
