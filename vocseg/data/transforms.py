@@ -106,31 +106,47 @@ class SegmentationTransform:
             out = self.augment(image=decode_image(image), mask=decode_mask(label))
             pixel_values.append(out["image"])
             mask = out["mask"]
-            labels.append(mask.long() if isinstance(mask, torch.Tensor) else torch.from_numpy(mask.astype(np.int64)))
+            # numpy, not mask.long(): a torch op here wakes torch's OpenMP pool once per sample, which
+            # with num_workers=0 fights cv2's threads and costs milliseconds (benchmarks/data_pipeline.py).
+            mask = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+            labels.append(torch.from_numpy(mask.astype(np.int64)))
         return {"id": list(batch["id"]), "pixel_values": pixel_values, "labels": labels}
 
 
-def with_augmentation(dataset: datasets.Dataset, augment: A.Compose, seed: int | None = None) -> datasets.Dataset:
-    """A lazily augmented view of a `load_split` dataset.
+def undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The same rows with image columns left as encoded bytes.
 
-    The image columns are switched to undecoded bytes first: otherwise `datasets` decodes them
-    with PIL (slower, and it applies EXIF rotation) before our transform ever sees them.
+    Otherwise `datasets` decodes them with PIL (slower, and it applies EXIF rotation) before our
+    transform ever sees them.
     """
-    raw = dataset.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
-    return raw.with_transform(SegmentationTransform(augment, seed))
+    return dataset.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
+
+
+def with_augmentation(dataset: datasets.Dataset, augment: A.Compose | SegmentationTransform,
+                      seed: int | None = None) -> datasets.Dataset:
+    """A lazily augmented view of a `load_split` dataset (`with_transform` keeps the very transform object)."""
+    transform = augment if isinstance(augment, SegmentationTransform) else SegmentationTransform(augment, seed)
+    return undecoded(dataset).with_transform(transform)
 
 
 def collate(examples: list[dict]) -> dict:
-    """Stack a batch; samples of different sizes (eval at native size) are padded with 0 / 255."""
+    """Stack a batch; samples of different sizes (eval at native size) are padded with 0 / 255.
+
+    Built with numpy (single-threaded copies) and wrapped with torch.from_numpy at the end: torch's
+    own fill/copy ops go through its OpenMP pool, which in the main process (num_workers=0) costs
+    far more than the copies themselves.
+    """
     height = max(e["pixel_values"].shape[-2] for e in examples)
     width = max(e["pixel_values"].shape[-1] for e in examples)
-    pixel_values = examples[0]["pixel_values"].new_zeros((len(examples), 3, height, width))
-    labels = torch.full((len(examples), height, width), IGNORE_INDEX, dtype=torch.int64)
+    first = np.asarray(examples[0]["pixel_values"])
+    pixel_values = np.zeros((len(examples), 3, height, width), dtype=first.dtype)
+    labels = np.full((len(examples), height, width), IGNORE_INDEX, dtype=np.int64)
     for i, example in enumerate(examples):
         h, w = example["labels"].shape
-        pixel_values[i, :, :h, :w] = example["pixel_values"]
-        labels[i, :h, :w] = example["labels"]
-    return {"pixel_values": pixel_values, "labels": labels, "ids": [e["id"] for e in examples]}
+        pixel_values[i, :, :h, :w] = np.asarray(example["pixel_values"])
+        labels[i, :h, :w] = np.asarray(example["labels"])
+    return {"pixel_values": torch.from_numpy(pixel_values), "labels": torch.from_numpy(labels),
+            "ids": [e["id"] for e in examples]}
 
 
 def normalize_on_device(pixel_values: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

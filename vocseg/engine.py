@@ -1,0 +1,386 @@
+"""The training loop, as plain functions read top to bottom: train() -> train_step / evaluate / checkpoints.
+
+Everything device-, precision- and process-related is accelerate's: the same code runs on one
+CPU, one GPU or N GPUs, in fp32/bf16/fp16, depending on `accelerate launch` / `accelerate config`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from vocseg.checkpoint import resolve_resume, save_checkpoint
+from vocseg.config import TrainConfig, config_from_dict
+from vocseg.constants import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from vocseg.data import load_split
+from vocseg.data.synthetic import make_synthetic_tree
+from vocseg.log import setup_logging
+from vocseg.data.transforms import (SegmentationTransform, build_eval_augment, build_train_augment, collate,
+                                    normalize_on_device, with_augmentation)
+from vocseg.metrics import batch_confusion_matrices, scores_from_matrix
+from vocseg.models import build_model, export_model
+from vocseg.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger("vocseg")  # main process only: see vocseg.log.setup_logging
+
+
+@dataclass
+class TrainState:
+    """Loop position and best score; saved in every checkpoint (accelerator.register_for_checkpointing)."""
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed (mid-epoch resume)
+    best_eval_mean_iou: float = -1.0
+    best_step: int = -1
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class EpochShuffleSampler(Sampler):
+    """A permutation that is a function of (seed, epoch) only, so a resumed run sees the same order.
+
+    The epoch method is deliberately not called `set_epoch`: accelerate's DataLoaderShard calls
+    `sampler.set_epoch(<its own iteration counter>)`, which restarts at 0 after a resume.
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_shuffle_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask the loop to save a checkpoint and leave at the next optimiser step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no signal handling
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------- setup
+
+def resolve_run(cfg: TrainConfig, accelerator: Accelerator) -> TrainConfig:
+    """Fill run name / output dir / demo data root on the main process, then give every rank the same config."""
+    if accelerator.is_main_process:
+        cfg.run_name = cfg.run_name or f"{cfg.recipe or cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.output_dir = cfg.output_dir or str(Path("outputs") / cfg.run_name)
+    payload = [cfg.to_dict()]
+    broadcast_object_list(payload)
+    return config_from_dict(payload[0])
+
+
+def demo_data_root(seed: int = 0) -> Path:
+    root = Path(os.environ.get("VOCSEG_CACHE", Path.home() / ".cache" / "vocseg")) / f"synthetic-demo-v1-seed{seed}"
+    if not (root / "synthetic_manifest.json").exists():
+        make_synthetic_tree(root, num_train=300, num_val=100, sbd=True, seed=seed, scale=0.5)
+    return root
+
+
+def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, image_mean, image_std):
+    data_root, sbd_root = cfg.data_root, cfg.sbd_root
+    with accelerator.main_process_first():  # the main process builds the Arrow caches, the others read them
+        if cfg.synthetic_data:
+            data_root = demo_data_root()
+            sbd_root = data_root / "benchmark_RELEASE"
+        train_set = load_split(cfg.train_split, data_root, sbd_root, cfg.cache_dir, cfg.bad_samples)
+        val_set = load_split(cfg.val_split, data_root, sbd_root, cfg.cache_dir, cfg.bad_samples)
+    if cfg.max_eval_samples:
+        val_set = val_set.select(range(min(cfg.max_eval_samples, len(val_set))))
+
+    augment = build_train_augment(cfg.crop_size, (cfg.scale_min, cfg.scale_max), photometric=cfg.photometric,
+                                  mean=image_mean, std=image_std)
+    train_transform = SegmentationTransform(augment, seed=cfg.seed)
+    sampler = EpochShuffleSampler(len(train_set), cfg.seed)
+    pin = accelerator.device.type == "cuda"
+    # Own generators: building a loader iterator must not draw from the global torch RNG, which
+    # also drives dropout / drop-path; otherwise a resumed run diverges from an uninterrupted one.
+    train_loader = DataLoader(with_augmentation(train_set, train_transform), batch_size=cfg.per_device_train_batch_size,
+                              sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
+                              pin_memory=pin, generator=torch.Generator().manual_seed(cfg.seed))
+    val_loader = DataLoader(with_augmentation(val_set, build_eval_augment(image_mean, image_std)),
+                            batch_size=cfg.per_device_eval_batch_size, shuffle=False, collate_fn=collate,
+                            num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(0))
+    global_batch = cfg.per_device_train_batch_size * accelerator.num_processes
+    if len(train_set) < global_batch:
+        raise ValueError(f"train split {cfg.train_split} has {len(train_set)} samples, fewer than one global batch "
+                         f"({global_batch}): lower per_device_train_batch_size")
+    return train_loader, val_loader, sampler, train_transform, len(train_set), len(val_set)
+
+
+def total_train_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.max_train_steps is not None:
+        return cfg.max_train_steps
+    if cfg.num_train_epochs is None:
+        raise ValueError("set max_train_steps or num_train_epochs")
+    return cfg.num_train_epochs * math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+
+
+# ----------------------------------------------------------------------------------------- steps
+
+def segmentation_loss(outputs: dict, labels: torch.Tensor, aux_weight: float) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy over labelled pixels (255 ignored), plus the weighted aux-head loss for DeepLab."""
+    def ce(logits):
+        # Sum / count instead of the mean: a crop made only of padding (all 255) gives 0, not NaN.
+        total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    main = ce(outputs["logits"])
+    parts = {"loss_main": main.detach()}
+    loss = main
+    if "aux_logits" in outputs:
+        aux = ce(outputs["aux_logits"])
+        parts["loss_aux"] = aux.detach()
+        loss = main + aux_weight * aux
+    return loss, parts
+
+
+def prepare_inputs(batch: dict, model_mean, model_std, channels_last: bool) -> torch.Tensor:
+    pixel_values = normalize_on_device(batch["pixel_values"], model_mean, model_std)
+    return pixel_values.contiguous(memory_format=torch.channels_last) if channels_last else pixel_values
+
+
+@torch.inference_mode()
+def evaluate(model, loader, accelerator: Accelerator, image_mean, image_std, channels_last: bool = False,
+             desc: str = "eval") -> torch.Tensor:
+    """The [C, C] confusion matrix of the whole split at native label resolution, exact under DDP.
+
+    One matrix per sample is gathered with `gather_for_metrics`, which drops the duplicate samples
+    that even_batches pads the last batch with; summing per-rank matrices would count them twice.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        labels = batch["labels"]
+        logits = model(prepare_inputs(batch, image_mean, image_std, channels_last), output_size=labels.shape[-2:])
+        matrices = batch_confusion_matrices(logits["logits"].argmax(1), labels, NUM_CLASSES, IGNORE_INDEX)
+        total += accelerator.gather_for_metrics(matrices).sum(0)
+    model.train(was_training)
+    return total.cpu()
+
+
+def eval_results(matrix: torch.Tensor) -> dict:
+    """Scores in the all_results.json shape: per-class IoU by class name, None where undefined."""
+    scores = scores_from_matrix(matrix)
+
+    def number(x):
+        return None if x is None or math.isnan(x) else float(x)
+
+    return {
+        "eval_mean_iou": number(scores["mean_iou"]),
+        "eval_mean_accuracy": number(scores["mean_accuracy"]),
+        "eval_overall_accuracy": number(scores["overall_accuracy"]),
+        "eval_per_category_iou": {name: number(v) for name, v in zip(VOC_CLASSES, scores["per_category_iou"])},
+        "eval_per_category_accuracy": {name: number(v)
+                                       for name, v in zip(VOC_CLASSES, scores["per_category_accuracy"])},
+    }
+
+
+def configure_cpu_threads(accelerator_cpu: bool) -> None:
+    """`accelerate launch` sets OMP_NUM_THREADS=1; a single CPU process should use every core."""
+    if accelerator_cpu and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+def train(cfg: TrainConfig) -> dict:
+    setup_logging()
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with=None if cfg.tracker == "none" else ["tensorboard"])
+    configure_cpu_threads(accelerator.device.type == "cpu")
+    cfg = resolve_run(cfg, accelerator)
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / "config.yaml")
+    if accelerator.log_with:
+        accelerator.project_configuration.set_directories(str(output_dir))
+        accelerator.init_trackers(cfg.run_name, config={k: v for k, v in cfg.to_dict().items() if v is not None})
+    set_seed(cfg.seed)
+
+    model = build_model(cfg)
+    mean, std = model.image_mean, model.image_std
+    if cfg.sync_bn and accelerator.num_processes > 1 and model.family == "deeplab":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader, val_loader, sampler, train_transform, num_train, num_val = build_dataloaders(
+        cfg, accelerator, mean, std)
+    optimizer = build_optimizer(cfg, model)
+    if cfg.torch_compile:
+        model = torch.compile(model)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    total_steps = total_train_steps(cfg, len(train_loader))
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+
+    resume_path = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    if cfg.resume_from_checkpoint and resume_path is None:
+        logger.warning(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no complete checkpoint in "
+                       f"{output_dir / 'checkpoints'}, starting from step 0")
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        logger.info(f"resumed from {resume_path}: step {state.step}, epoch {state.epoch}, "
+                    f"batch {state.batch_in_epoch} of the epoch")
+
+    logger.info(f"training {cfg.model} on {cfg.train_split} ({num_train} samples), scoring on {cfg.val_split} "
+                f"({num_val}); {total_steps} steps of {cfg.per_device_train_batch_size} x {accelerator.num_processes} "
+                f"process(es) x {cfg.gradient_accumulation_steps} accumulation; {accelerator.device}, "
+                f"mixed precision {accelerator.mixed_precision}; output {output_dir}")
+
+    stop = StopRequest()
+    last_eval: dict | None = None
+    last_saved_step = state.step if resume_path else -1
+    window = {"loss": 0.0, "count": 0, "start": time.perf_counter(), "samples": 0}
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
+    model.train()
+    while state.step < total_steps and not stop.requested:
+        sampler.set_shuffle_epoch(state.epoch)
+        train_transform.epoch = state.epoch  # before the iterator exists: workers copy the transform then
+        batches = (accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
+                   if state.batch_in_epoch else train_loader)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                outputs = model(prepare_inputs(batch, mean, std, cfg.channels_last),
+                                output_size=batch["labels"].shape[-2:])
+                loss, parts = segmentation_loss(outputs, batch["labels"], cfg.aux_weight)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch += 1
+            window["loss"] += loss.detach().float().item()
+            window["count"] += 1
+            window["samples"] += batch["labels"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            progress.update(1)
+
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                log_train(accelerator, state, window, optimizer, parts, grad_norm)
+            if state.step % cfg.eval_steps == 0 or state.step == total_steps:
+                last_eval = run_evaluation(cfg, accelerator, model, val_loader, state, mean, std, output_dir)
+            if state.step % cfg.checkpointing_steps == 0 or state.step == total_steps:
+                path = save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+                logger.info(f"checkpoint saved: {path}")
+                last_saved_step = state.step
+            if accelerator.num_processes > 1:  # every rank must agree to stop at the same step
+                flag = torch.tensor(int(stop.requested), device=accelerator.device)
+                stop.requested = bool(accelerator.reduce(flag, "max").item())
+            if state.step >= total_steps or stop.requested:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    progress.close()
+    stop.restore()
+
+    interrupted = state.step < total_steps
+    if interrupted:
+        if last_saved_step != state.step:
+            save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+        logger.info(f"stopped by a signal at step {state.step}; checkpoint saved. Resume with "
+                    f"--output_dir {output_dir} --resume_from_checkpoint latest")
+    elif last_eval is None:  # resumed at the very end: score once so results exist
+        last_eval = run_evaluation(cfg, accelerator, model, val_loader, state, mean, std, output_dir)
+
+    results = {}
+    if last_eval is not None and not interrupted:
+        results = {**last_eval, "step": state.step, "epoch": state.epoch,
+                   "best_eval_mean_iou": state.best_eval_mean_iou, "best_step": state.best_step}
+        if accelerator.is_main_process:
+            (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    results["interrupted"] = interrupted
+    results["output_dir"] = str(output_dir)
+    return results
+
+
+def log_train(accelerator, state, window, optimizer, parts, grad_norm) -> None:
+    elapsed = time.perf_counter() - window["start"]
+    loss = window["loss"] / max(window["count"], 1)
+    values = {"train_loss": loss, "train_throughput_img_s": window["samples"] / max(elapsed, 1e-9),
+              "epoch": state.epoch}
+    if "loss_aux" in parts:
+        values["train_loss_aux"] = parts["loss_aux"].item()
+    for group in optimizer.param_groups:
+        values[f"lr_{group['name']}"] = group["lr"]
+    if grad_norm is not None:
+        values["train_grad_norm"] = float(grad_norm)
+    if torch.cuda.is_available():
+        values["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    accelerator.log(values, step=state.step)
+    lr = optimizer.param_groups[0]["lr"]
+    logger.info(f"step {state.step} | epoch {state.epoch} | loss {loss:.4f} | lr {lr:.3g} | "
+                f"{values['train_throughput_img_s']:.1f} img/s")
+    window.update(loss=0.0, count=0, samples=0, start=time.perf_counter())
+
+
+def run_evaluation(cfg, accelerator, model, val_loader, state, mean, std, output_dir) -> dict:
+    matrix = evaluate(model, val_loader, accelerator, mean, std, cfg.channels_last, desc=f"eval @ {state.step}")
+    results = eval_results(matrix)
+    miou = results["eval_mean_iou"]
+    accelerator.log({k: v for k, v in results.items() if isinstance(v, float)}, step=state.step)
+    improved = miou is not None and miou > state.best_eval_mean_iou
+    if improved:
+        state.best_eval_mean_iou, state.best_step = miou, state.step
+        if accelerator.is_main_process:
+            export_model(accelerator.unwrap_model(model), output_dir / "best_model",
+                         extra={"eval_mean_iou": miou, "step": state.step, "val_split": cfg.val_split,
+                                "train_config": cfg.to_dict()})
+        accelerator.wait_for_everyone()
+    logger.info(f"eval step {state.step} | mIoU {_fmt(miou)} | mAcc {_fmt(results['eval_mean_accuracy'])} | "
+                f"aAcc {_fmt(results['eval_overall_accuracy'])}" + (" | new best, exported" if improved else ""))
+    if accelerator.is_main_process:
+        (output_dir / "eval_results.jsonl").open("a").write(json.dumps({"step": state.step, **results}) + "\n")
+    return results
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
