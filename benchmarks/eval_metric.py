@@ -103,28 +103,28 @@ def run_hf_way(maps, num_maps):
     return {"mean_iou": float(np.nanmean(iou)), "per_category_iou": iou}
 
 
-def measure(fn, maps, num_maps, repeat):
-    """Best-of-`repeat` uninstrumented timing (with the largest peak-RSS delta seen), then one
-    tracemalloc pass, so tracing overhead never shows up in the seconds column."""
-    fn(maps, 1)  # warm-up: first-call kernel/dispatch setup is not what we are measuring
-    seconds, rss_delta = float("inf"), None
-    for _ in range(repeat):
-        gc.collect()
-        rss_ok = _reset_peak_rss()
-        rss_before = _proc_status_kib("VmRSS")
-        start = time.perf_counter()
-        result = fn(maps, num_maps)
-        seconds = min(seconds, time.perf_counter() - start)
-        peak = _proc_status_kib("VmHWM")
-        if rss_ok and peak is not None and rss_before is not None:
-            rss_delta = max(rss_delta or 0, (peak - rss_before) * 1024)
-        del result
+def timed_pass(fn, maps, num_maps):
+    """One uninstrumented pass: (result, seconds, peak-RSS delta in bytes or None)."""
+    gc.collect()
+    rss_ok = _reset_peak_rss()
+    rss_before = _proc_status_kib("VmRSS")
+    start = time.perf_counter()
+    result = fn(maps, num_maps)
+    seconds = time.perf_counter() - start
+    peak = _proc_status_kib("VmHWM")
+    rss_ok = rss_ok and peak is not None and rss_before is not None
+    return result, seconds, (peak - rss_before) * 1024 if rss_ok else None
+
+
+def traced_peak(fn, maps, num_maps):
+    """Peak bytes allocated through Python/numpy during a separate pass (tracing slows it down)."""
     gc.collect()
     tracemalloc.start()
-    result = fn(maps, num_maps)
-    traced_peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return result, seconds, traced_peak, rss_delta
+    try:
+        fn(maps, num_maps)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def _mib(n):
@@ -139,9 +139,13 @@ def main(argv=None):
     parser.add_argument("--pool", type=int, default=32, help="distinct random maps cycled through")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="timed passes per method; the best is kept")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads; 1 by default because one map is too small to split well and "
+        "OpenMP threads on a busy machine make timings erratic (0 = torch's default)",
+    )
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(args.seed)
@@ -166,11 +170,19 @@ def main(argv=None):
         ("  same, validate_args=False", run_torchmetrics_unvalidated),
         ("HF-example way (keep numpy, np.histogram)", run_hf_way),
     ]
-    rows, results = [], {}
-    for name, fn in methods:
-        result, seconds, traced, rss = measure(fn, maps, args.num_maps, args.repeat)
-        results[name] = result
-        rows.append((name, seconds, traced, rss))
+    for _, fn in methods:
+        fn(maps, 1)  # warm-up: first-call dispatch/allocator setup is not what we are measuring
+    # Round-robin repeats, best time kept: a noisy neighbour then slows every method alike.
+    best = {name: float("inf") for name, _ in methods}
+    rss = {name: None for name, _ in methods}
+    results = {}
+    for _ in range(args.repeat):
+        for name, fn in methods:
+            results[name], seconds, rss_delta = timed_pass(fn, maps, args.num_maps)
+            best[name] = min(best[name], seconds)
+            if rss_delta is not None:
+                rss[name] = max(rss[name] or 0, rss_delta)
+    rows = [(name, best[name], traced_peak(fn, maps, args.num_maps), rss[name]) for name, fn in methods]
 
     ours_seconds = rows[0][1]
     header = f"{'method':44s} {'seconds':>8s} {'maps/s':>8s} {'x ours':>7s} {'tracemalloc peak':>17s} {'RSS peak delta':>15s}"

@@ -3,6 +3,7 @@
 import sys
 
 COMMANDS = {
+    "evaluate": ("vocseg.cli.evaluate", "score an exported model on a split (exact mIoU, 1 or N processes)"),
     "check-data": ("vocseg.data.check", "validate VOC / SBD trees: counts, bad samples, class frequencies"),
     "make-synthetic": ("vocseg.data.synthetic", "write a small synthetic VOC/SBD tree (same as python -m vocseg.data.synthetic)"),
 }

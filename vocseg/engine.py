@@ -240,7 +240,10 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(cfg)
     mean, std = model.image_mean, model.image_std
     if cfg.sync_bn and accelerator.num_processes > 1 and model.family == "deeplab":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if accelerator.device.type == "cuda":  # torch's SyncBatchNorm has no CPU implementation
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            logger.warning("sync_bn needs CUDA devices; keeping per-process BatchNorm")
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, sampler, train_transform, num_train, num_val = build_dataloaders(
@@ -319,6 +322,8 @@ def train(cfg: TrainConfig) -> dict:
             state.batch_in_epoch = 0
     progress.close()
     stop.restore()
+    if state.batch_in_epoch >= len(train_loader):  # stopped on the epoch's last batch: that epoch is done
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
     interrupted = state.step < total_steps
     if interrupted:
