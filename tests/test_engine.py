@@ -197,3 +197,19 @@ def test_default_recipe_follows_dataset_path(monkeypatch):
     assert parse_config([]).recipe == "demo"
     monkeypatch.setenv("DATASET_PATH", "/data/VOCdevkit")
     assert parse_config([]).recipe == "deeplabv3_r101_voc_aug"
+
+
+def test_tensorboard_tracker_writes_scalars(synthetic_tree, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tree, _ = synthetic_tree
+    out = tmp_path / "tb"
+    engine.train(tiny_config(tree, out, tmp_path / "cache", tracker="tensorboard", max_train_steps=2, eval_steps=2,
+                             checkpointing_steps=2, max_eval_samples=1, crop_size=32))
+    event_files = list(out.rglob("events.out.tfevents.*"))
+    assert event_files, "no TensorBoard event file under output_dir"
+    events = EventAccumulator(str(event_files[0].parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train_loss" in tags and "eval_mean_iou" in tags
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]

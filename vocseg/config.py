@@ -42,7 +42,8 @@ class TrainConfig:
     checkpoints_total_limit: int = _f(2, "General", "keep only the last N checkpoints")
     resume_from_checkpoint: str | None = _f(None, "General", "'latest' or a checkpoint folder to resume from")
     logging_steps: int = _f(20, "General", "log train loss / lr / throughput every N steps")
-    tracker: Literal["none", "clearml", "tensorboard", "all"] = _f("none", "General", "experiment tracker")
+    tracker: Literal["none", "tensorboard"] = _f("none", "General", "experiment tracker (tensorboard: "
+                                                 "via accelerate, logs under output_dir)")
     # Data
     data_root: str | None = _f(None, "Data", "VOC root: VOC2012, VOCdevkit or their parent, or a parquet "
                                "folder (default: $DATASET_PATH)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -97,9 +97,9 @@ class StopRequest:
 
 # ----------------------------------------------------------------------------------------- setup
 
-def resolve_run(cfg: TrainConfig, accelerator: Accelerator) -> TrainConfig:
-    """Fill run name / output dir / demo data root on the main process, then give every rank the same config."""
-    if accelerator.is_main_process:
+def resolve_run(cfg: TrainConfig, state: PartialState) -> TrainConfig:
+    """Fill run name and output dir on the main process, then give every rank the same config."""
+    if state.is_main_process:
         cfg.run_name = cfg.run_name or f"{cfg.recipe or cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg.output_dir = cfg.output_dir or str(Path("outputs") / cfg.run_name)
     payload = [cfg.to_dict()]
@@ -224,20 +224,22 @@ def configure_cpu_threads(accelerator_cpu: bool) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     setup_logging()
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    cfg = resolve_run(cfg, PartialState())  # the output dir must be known before the trackers exist
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, project_dir=str(output_dir),
                               log_with=None if cfg.tracker == "none" else ["tensorboard"])
     configure_cpu_threads(accelerator.device.type == "cpu")
-    cfg = resolve_run(cfg, accelerator)
-    output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "config.yaml")
     if accelerator.log_with:
-        accelerator.project_configuration.set_directories(str(output_dir))
         accelerator.init_trackers(cfg.run_name, config={k: v for k, v in cfg.to_dict().items() if v is not None})
     set_seed(cfg.seed)
 
     model = build_model(cfg)
+    if not (cfg.synthetic_data or cfg.pretrained or cfg.backbone_weights):
+        logger.warning(f"{cfg.model} starts from random weights: published recipe figures assume ImageNet "
+                       "weights (--backbone_weights FILE for DeepLab, --pretrained DIR_OR_HUB_ID for SegFormer)")
     mean, std = model.image_mean, model.image_std
     if cfg.sync_bn and accelerator.num_processes > 1 and model.family == "deeplab":
         if accelerator.device.type == "cuda":  # torch's SyncBatchNorm has no CPU implementation
