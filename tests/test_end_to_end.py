@@ -8,15 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 def run(command, cwd, env_extra=None, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
-    env.pop("DATASET_PATH", None)
-    env.pop("SBD_DATASET_PATH", None)
+    # No ClearML server configured: runs track to an offline session under CLEARML_CACHE_DIR.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "CLEARML_CACHE_DIR": str(Path(cwd) / "clearml"), "CLEARML_CONFIG_FILE": str(Path(cwd) / "none.conf"),
+           **(env_extra or {})}
+    for name in ("DATASET_PATH", "SBD_DATASET_PATH", "CLEARML_API_HOST", "CLEARML_OFFLINE_MODE", "CLEARML_TASK_ID"):
+        env.pop(name, None)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -76,16 +80,25 @@ def test_two_process_and_one_process_evaluation_are_identical(demo_run, tmp_path
     assert full["mean_iou"] == pytest.approx(best["eval_mean_iou"], abs=1e-12)
 
 
-def test_two_process_ddp_training(tmp_path, synthetic_tree):
+def test_two_process_ddp_training_one_clearml_session_server_overrides_on_all_ranks(tmp_path, synthetic_tree):
+    """2 real processes; the main one gets edited values from "the server" (patched Task.connect): both
+    ranks must train with them, and exactly one ClearML session is written."""
     tree, _ = synthetic_tree
     out = tmp_path / "ddp"
-    result = run(launch(str(REPO / "train.py"), "--config", "demo", "--synthetic_data", "false", "--data_root",
+    overrides = {"Optim": {"learning_rate": "0.0042"}, "General": {"max_train_steps": "4"}}
+    result = run(launch(str(REPO / "tests" / "helpers" / "train_with_server_overrides.py"),
+                        str(REPO / "train.py"), "--config", "demo", "--synthetic_data", "false", "--data_root",
                         str(tree), "--cache_dir", str(tmp_path / "cache"), "--crop_size", "48",
-                        "--per_device_train_batch_size", "2", "--max_train_steps", "4", "--eval_steps", "4",
-                        "--checkpointing_steps", "2", "--output_dir", str(out), processes=2),
-                 cwd=tmp_path, env_extra={"ACCELERATE_USE_CPU": "1"})
+                        "--per_device_train_batch_size", "2", "--max_train_steps", "40", "--eval_steps", "4",
+                        "--checkpointing_steps", "2", "--output_dir", str(out), "--num_debug_samples", "1",
+                        processes=2),
+                 cwd=tmp_path, env_extra={"ACCELERATE_USE_CPU": "1", "VOCSEG_TEST_SERVER_OVERRIDES": json.dumps(overrides)})
     results = json.loads((out / "all_results.json").read_text())
-    assert results["step"] == 4
+    assert results["step"] == 4  # 40 on the command line, 4 from "the server": both ranks stopped at 4
+    assert "identical on 2 process(es)" in result.stdout
+    assert yaml.safe_load((out / "config.yaml").read_text())["learning_rate"] == 0.0042
+    sessions = [p for p in (tmp_path / "clearml" / "offline").glob("offline-*") if p.is_dir()]
+    assert len(sessions) == 1
     assert "2 process(es)" in result.stdout
     assert result.stdout.count("checkpoint saved") == 2  # main process only: one line per event
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]

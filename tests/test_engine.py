@@ -29,7 +29,7 @@ def tiny_config(tree, out, cache, **overrides) -> TrainConfig:
     values = dict(data_root=str(tree), train_split="train", val_split="val", model="segformer-b0", crop_size=48,
                   per_device_train_batch_size=4, num_workers=0, optimizer="adamw", learning_rate=1e-3,
                   weight_decay=0.01, max_train_steps=6, eval_steps=3, checkpointing_steps=2, logging_steps=1,
-                  output_dir=str(out), cache_dir=str(cache), seed=0, recipe="test")
+                  output_dir=str(out), cache_dir=str(cache), seed=0, recipe="test", tracker="none")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -74,8 +74,8 @@ def test_resume_after_crash_and_after_sigterm_equals_uninterrupted_run(synthetic
     # 2) Resume; SIGTERM arrives at step 4 (epoch 1, batch 1 of 3): save and leave cleanly.
     original_log = engine.log_train
 
-    def log_then_signal(accelerator, state, *args):
-        original_log(accelerator, state, *args)
+    def log_then_signal(accelerator, reporter, state, *args):
+        original_log(accelerator, reporter, state, *args)
         if state.step == 4:
             signal.raise_signal(signal.SIGTERM)
 

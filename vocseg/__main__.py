@@ -5,6 +5,8 @@ import sys
 COMMANDS = {
     "evaluate": ("vocseg.cli.evaluate", "score an exported model on a split (exact mIoU, 1 or N processes)"),
     "check-data": ("vocseg.data.check", "validate VOC / SBD trees: counts, bad samples, class frequencies"),
+    "compare": ("vocseg.cli.compare", "compare runs (offline sessions, task ids): differing hyperparameters, metrics"),
+    "clearml-import": ("vocseg.cli.clearml_import", "upload an offline ClearML session to the configured server"),
     "make-synthetic": ("vocseg.data.synthetic", "write a small synthetic VOC/SBD tree (same as python -m vocseg.data.synthetic)"),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,8 +43,17 @@ class TrainConfig:
     checkpoints_total_limit: int = _f(2, "General", "keep only the last N checkpoints")
     resume_from_checkpoint: str | None = _f(None, "General", "'latest' or a checkpoint folder to resume from")
     logging_steps: int = _f(20, "General", "log train loss / lr / throughput every N steps")
-    tracker: Literal["none", "tensorboard"] = _f("none", "General", "experiment tracker (tensorboard: "
-                                                 "via accelerate, logs under output_dir)")
+    tracker: Literal["clearml", "tensorboard", "all", "none"] = _f(
+        "clearml", "General", "clearml (offline automatically when no server is configured), tensorboard "
+        "(under output_dir), all, or none")
+    clearml_project: str = _f("Pascal-VOC12 Training", "General", "ClearML project")
+    clearml_task_name: str | None = _f(None, "General", "ClearML task name (default: the run name)")
+    clearml_output_uri: str | None = _f(None, "General", "where ClearML uploads models (default: "
+                                        "$CLEARML_OUTPUT_URI / clearml.conf; none: keep local)")
+    clearml_queue: str | None = _f(None, "General", "create the task, enqueue it here for clearml-agent, exit")
+    num_debug_samples: int = _f(4, "General", "val images shown as image | truth | prediction at each eval")
+    num_processes: int | None = _f(None, "General", "processes the run was launched with (recorded; a "
+                                   "clearml-agent replay relaunches with this many)")
     # Data
     data_root: str | None = _f(None, "Data", "VOC root: VOC2012, VOCdevkit or their parent, or a parquet "
                                "folder (default: $DATASET_PATH)")
@@ -159,8 +169,41 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def config_from_dict(values: dict) -> TrainConfig:
+def config_from_dict(values: dict, coerce: bool = False) -> TrainConfig:
+    """Build a config from a dict; `coerce` converts strings (as ClearML returns edited values) to field types."""
     unknown = sorted(set(values) - FIELD_NAMES)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    if coerce:
+        hints = typing.get_type_hints(TrainConfig)
+        values = {k: coerce_value(hints[k], v, k) for k, v in values.items()}
     return TrainConfig(**values)
+
+
+def coerce_value(annotation, value, name: str = ""):
+    """'0.02' -> 0.02 for a float field, '' / 'None' -> None for an optional one, 'False' -> False, ..."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if not optional and value is None:
+            raise ConfigError(f"config key {name} may not be empty")
+        return None
+    base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if typing.get_origin(base) is Literal:
+        if str(value) not in base.__args__:
+            raise ConfigError(f"config key {name}: {value!r} is not one of {', '.join(base.__args__)}")
+        return str(value)
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.strip().lower() in ("true", "1", "yes")
+            return bool(value)
+        if base is int:
+            return int(float(value)) if isinstance(value, str) and float(value).is_integer() else int(value)
+        if base is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name}: {value!r} is not a valid {base.__name__}") from None
+    return str(value) if base is str else value

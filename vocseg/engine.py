@@ -6,10 +6,12 @@ CPU, one GPU or N GPUs, in fp32/bf16/fp16, depending on `accelerate launch` / `a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import resource
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -18,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from vocseg.checkpoint import resolve_resume, save_checkpoint
-from vocseg.config import TrainConfig, config_from_dict
+from vocseg.config import CONFIGS_DIR, TrainConfig, config_from_dict
 from vocseg.constants import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 from vocseg.data import load_split
 from vocseg.data.synthetic import make_synthetic_tree
@@ -33,6 +35,7 @@ from vocseg.data.transforms import (SegmentationTransform, build_eval_augment, b
 from vocseg.metrics import batch_confusion_matrices, scores_from_matrix
 from vocseg.models import build_model, export_model
 from vocseg.optim import build_optimizer, build_scheduler
+from vocseg.tracking import Reporter, connect_config, sample_panel, start_task, uses_clearml
 
 logger = logging.getLogger("vocseg")  # main process only: see vocseg.log.setup_logging
 
@@ -97,14 +100,30 @@ class StopRequest:
 
 # ----------------------------------------------------------------------------------------- setup
 
-def resolve_run(cfg: TrainConfig, state: PartialState) -> TrainConfig:
-    """Fill run name and output dir on the main process, then give every rank the same config."""
+def resolve_run(cfg: TrainConfig, state: PartialState) -> tuple[TrainConfig, Reporter]:
+    """Name the run, create the ClearML task and read the config back from it, all on the main process;
+    then give every rank that same config, before anything is built from it."""
+    reporter = Reporter()
     if state.is_main_process:
         cfg.run_name = cfg.run_name or f"{cfg.recipe or cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg.output_dir = cfg.output_dir or str(Path("outputs") / cfg.run_name)
+        cfg.num_processes = state.num_processes
+        if uses_clearml(cfg):
+            task, offline = start_task(cfg, state.num_processes, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+            recipe = CONFIGS_DIR / f"{cfg.recipe}.yaml"
+            cfg = connect_config(task, cfg, str(recipe) if recipe.is_file() else None)
+            reporter = Reporter(task, offline)
+            if cfg.clearml_queue and task.running_locally():
+                logger.info(f"enqueued ClearML task {task.id} on queue {cfg.clearml_queue}; exiting")
+                task.execute_remotely(queue_name=cfg.clearml_queue, exit_process=True)
     payload = [cfg.to_dict()]
     broadcast_object_list(payload)
-    return config_from_dict(payload[0])
+    cfg = config_from_dict(payload[0])
+    fingerprints = gather_object([hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]])
+    if len(set(fingerprints)) != 1:
+        raise RuntimeError(f"processes disagree on the config: {fingerprints}")
+    logger.info(f"config {fingerprints[0]} identical on {len(fingerprints)} process(es)")
+    return cfg, reporter
 
 
 def demo_data_root(seed: int = 0) -> Path:
@@ -224,14 +243,18 @@ def configure_cpu_threads(accelerator_cpu: bool) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     setup_logging()
-    cfg = resolve_run(cfg, PartialState())  # the output dir must be known before the trackers exist
+    # Before the Accelerator: the output dir must be known to the trackers, and Task.init reseeds the RNGs.
+    # cpu= from the env as Accelerator does: a bare PartialState() ignores ACCELERATE_USE_CPU and, with no
+    # GPU, would make every process of a CPU multi-process launch believe it is alone.
+    cfg, reporter = resolve_run(cfg, PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")))
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, project_dir=str(output_dir),
-                              log_with=None if cfg.tracker == "none" else ["tensorboard"])
+                              log_with=["tensorboard"] if cfg.tracker in ("tensorboard", "all") else None)
     configure_cpu_threads(accelerator.device.type == "cpu")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "config.yaml")
+        reporter.artifact("config", cfg.to_dict())
     if accelerator.log_with:
         accelerator.init_trackers(cfg.run_name, config={k: v for k, v in cfg.to_dict().items() if v is not None})
     set_seed(cfg.seed)
@@ -250,6 +273,7 @@ def train(cfg: TrainConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, sampler, train_transform, num_train, num_val = build_dataloaders(
         cfg, accelerator, mean, std)
+    val_view = val_loader.dataset
     optimizer = build_optimizer(cfg, model)
     if cfg.torch_compile:
         model = torch.compile(model)
@@ -307,9 +331,9 @@ def train(cfg: TrainConfig) -> dict:
             progress.update(1)
 
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-                log_train(accelerator, state, window, optimizer, parts, grad_norm)
+                log_train(accelerator, reporter, state, window, optimizer, parts, grad_norm)
             if state.step % cfg.eval_steps == 0 or state.step == total_steps:
-                last_eval = run_evaluation(cfg, accelerator, model, val_loader, state, mean, std, output_dir)
+                last_eval = run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, state, mean, std, output_dir)
             if state.step % cfg.checkpointing_steps == 0 or state.step == total_steps:
                 path = save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
                 logger.info(f"checkpoint saved: {path}")
@@ -334,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
         logger.info(f"stopped by a signal at step {state.step}; checkpoint saved. Resume with "
                     f"--output_dir {output_dir} --resume_from_checkpoint latest")
     elif last_eval is None:  # resumed at the very end: score once so results exist
-        last_eval = run_evaluation(cfg, accelerator, model, val_loader, state, mean, std, output_dir)
+        last_eval = run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, state, mean, std, output_dir)
 
     results = {}
     if last_eval is not None and not interrupted:
@@ -344,12 +368,19 @@ def train(cfg: TrainConfig) -> dict:
             (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if results:
+        reporter.artifact("all_results", results)
+    offline_session = reporter.close()
+    if offline_session:
+        results["clearml_offline_session"] = offline_session
+        logger.info(f"ClearML offline session: {offline_session}; upload it with: "
+                    f"python -m vocseg clearml-import {offline_session}")
     results["interrupted"] = interrupted
     results["output_dir"] = str(output_dir)
     return results
 
 
-def log_train(accelerator, state, window, optimizer, parts, grad_norm) -> None:
+def log_train(accelerator, reporter, state, window, optimizer, parts, grad_norm) -> None:
     elapsed = time.perf_counter() - window["start"]
     loss = window["loss"] / max(window["count"], 1)
     values = {"train_loss": loss, "train_throughput_img_s": window["samples"] / max(elapsed, 1e-9),
@@ -362,18 +393,24 @@ def log_train(accelerator, state, window, optimizer, parts, grad_norm) -> None:
         values["train_grad_norm"] = float(grad_norm)
     if torch.cuda.is_available():
         values["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    values["cpu_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (Linux: KiB)
     accelerator.log(values, step=state.step)
+    reporter.train(state.step, values)
     lr = optimizer.param_groups[0]["lr"]
     logger.info(f"step {state.step} | epoch {state.epoch} | loss {loss:.4f} | lr {lr:.3g} | "
                 f"{values['train_throughput_img_s']:.1f} img/s")
     window.update(loss=0.0, count=0, samples=0, start=time.perf_counter())
 
 
-def run_evaluation(cfg, accelerator, model, val_loader, state, mean, std, output_dir) -> dict:
+def run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, state, mean, std, output_dir) -> dict:
     matrix = evaluate(model, val_loader, accelerator, mean, std, cfg.channels_last, desc=f"eval @ {state.step}")
     results = eval_results(matrix)
     miou = results["eval_mean_iou"]
     accelerator.log({k: v for k, v in results.items() if isinstance(v, float)}, step=state.step)
+    reporter.evaluation(state.step, results, matrix)
+    if reporter.active and cfg.num_debug_samples:
+        reporter.samples(state.step, debug_panels(accelerator.unwrap_model(model), val_view, cfg.num_debug_samples,
+                                                  mean, std, accelerator.device))
     improved = miou is not None and miou > state.best_eval_mean_iou
     if improved:
         state.best_eval_mean_iou, state.best_step = miou, state.step
@@ -381,12 +418,32 @@ def run_evaluation(cfg, accelerator, model, val_loader, state, mean, std, output
             export_model(accelerator.unwrap_model(model), output_dir / "best_model",
                          extra={"eval_mean_iou": miou, "step": state.step, "val_split": cfg.val_split,
                                 "train_config": cfg.to_dict()})
+            reporter.best_model(output_dir / "best_model", state.step, miou)
         accelerator.wait_for_everyone()
     logger.info(f"eval step {state.step} | mIoU {_fmt(miou)} | mAcc {_fmt(results['eval_mean_accuracy'])} | "
                 f"aAcc {_fmt(results['eval_overall_accuracy'])}" + (" | new best, exported" if improved else ""))
     if accelerator.is_main_process:
         (output_dir / "eval_results.jsonl").open("a").write(json.dumps({"step": state.step, **results}) + "\n")
     return results
+
+
+@torch.inference_mode()
+def debug_panels(model, val_view, count: int, mean, std, device) -> list[tuple[str, "np.ndarray"]]:
+    """image | truth | prediction | overlay for the first `count` val images: the same ids at every eval.
+
+    Uses the unwrapped model on the main process only: a DDP forward would wait for the other ranks.
+    """
+    was_training = model.training
+    model.eval()
+    panels = []
+    for index in range(min(count, len(val_view))):
+        example = val_view[index]
+        pixels = example["pixel_values"][None].to(device)
+        logits = model(normalize_on_device(pixels, mean, std), output_size=example["labels"].shape)["logits"]
+        image = example["pixel_values"].permute(1, 2, 0).numpy()
+        panels.append((example["id"], sample_panel(image, example["labels"].numpy(), logits[0].argmax(0).cpu().numpy())))
+    model.train(was_training)
+    return panels
 
 
 def _fmt(x) -> str:

@@ -23,6 +23,9 @@ def print_summary(cfg, results: dict) -> None:
                      if miou is not None else "  val mIoU: n/a")
         lines.append(f"  best model: {out}/best_model")
         lines.append(f"  results:    {out}/all_results.json   config: {out}/config.yaml")
+    if results.get("clearml_offline_session"):
+        lines.append(f"  ClearML (offline) session: {results['clearml_offline_session']}")
+        lines.append(f"  upload it to a server with: python -m vocseg clearml-import {results['clearml_offline_session']}")
     if cfg.synthetic_data:
         lines.append("")
         lines.append("NOTE: this was the SYNTHETIC demo data set (coloured shapes in VOC format), not Pascal VOC.")

@@ -1,0 +1,361 @@
+"""Benchmark the training step of OUR loop (`vocseg.engine.train`) against a BARE PyTorch loop.
+
+Both contenders train the same model (same `build_model`, same seed), on the same batches (the
+DataLoader `vocseg.engine.build_dataloaders` builds: same dataset view, augmentation, sampler and
+collate, num_workers=0), with the same optimiser (`vocseg.optim.build_optimizer`: AdamW, four
+parameter groups) and schedule, on the same number of torch threads.
+
+  OURS: `vocseg.engine.train(TrainConfig(...))` in-process, max_train_steps = warmup + steps,
+        evaluation / checkpoint only after the last step. `vocseg.engine.log_train` is wrapped to
+        take a `time.perf_counter()` stamp at every step (logging_steps=1); the wrapper forwards
+        to the real `log_train` only every --logging-steps steps (the demo recipe logs every 25),
+        so the loop logs as often as a real run does. Timed: stamp(warmup) -> stamp(warmup+steps).
+  BARE: the same model / loader / optimiser / scheduler driven by plain PyTorch:
+        normalize_on_device -> model -> F.cross_entropy(ignore_index=255) (+ 0.4 x aux loss for
+        DeepLab, as ours) -> backward -> AdamW step -> scheduler step -> zero_grad. No accelerate,
+        no tqdm, no logging, no .item() per step. Timed over the same steps.
+
+Per repeat, every model runs both contenders back to back, and which goes first alternates
+between repeats. Other processes can only slow a run down, so the table reports the best of the
+repeats (as timeit does) and the overhead uses the best; median and spread ((max-min)/min) sit
+beside it, and a spread above 10% is flagged. The per-step losses of both contenders are compared
+as a check that they really compute the same thing.
+
+    python benchmarks/train_step.py --models segformer-b0 deeplabv3_mobilenet_v3_large \
+        --steps 30 --warmup 5 --batch-size 8 --crop-size 128 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import inspect
+import io
+import os
+import pstats
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+
+import vocseg.engine as engine  # noqa: E402
+from vocseg.config import TrainConfig  # noqa: E402
+from vocseg.constants import IGNORE_INDEX  # noqa: E402
+from vocseg.data.dataset import load_split  # noqa: E402
+from vocseg.data.synthetic import make_synthetic_tree  # noqa: E402
+from vocseg.data.transforms import normalize_on_device  # noqa: E402
+from vocseg.models import build_model  # noqa: E402
+from vocseg.optim import build_optimizer, build_scheduler  # noqa: E402
+
+TARGET_OVERHEAD = 0.05
+SPREAD_FLAG = 0.10
+DEFAULT_MODELS = ("segformer-b0", "deeplabv3_mobilenet_v3_large")
+
+
+def make_config(args, model: str, tree: Path, cache: Path, out: Path) -> TrainConfig:
+    """The demo recipe's optimisation settings, with this benchmark's model / batch / crop / steps."""
+    total = args.warmup + args.steps
+    return TrainConfig(
+        recipe="bench", run_name=out.name, output_dir=str(out), seed=args.seed,
+        data_root=str(tree), train_split="train", val_split="val", cache_dir=str(cache),
+        model=model, crop_size=args.crop_size, per_device_train_batch_size=args.batch_size, num_workers=0,
+        optimizer="adamw", learning_rate=0.002, weight_decay=0.01, lr_warmup_steps=30, poly_power=1.0,
+        max_train_steps=total, eval_steps=total, checkpointing_steps=total, logging_steps=1, tracker=args.tracker,
+    )
+
+
+def reset_accelerate() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def seed_everything(seed: int) -> None:
+    """What accelerate.utils.set_seed does on a CPU-only machine."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------- OURS
+
+def step_median(stamps: dict[int, float], args) -> float:
+    """Median single-step time over the timed window: robust to another job stealing the CPU for a moment."""
+    return statistics.median(stamps[k + 1] - stamps[k] for k in range(args.warmup, args.warmup + args.steps))
+
+
+def run_ours(args, model_name: str, tree: Path, cache: Path, out: Path, profile: bool = False) -> dict:
+    cfg = make_config(args, model_name, tree, cache, out)
+    stamps: dict[int, float] = {}
+    losses: list[float] = []
+    threads_seen: list[int] = []
+    previous = {"loss": 0.0}
+    original_log_train = engine.log_train
+    original_threads = engine.configure_cpu_threads
+
+    signature = inspect.signature(original_log_train)  # whatever arguments the engine passes this week
+
+    def timed_log_train(*call_args, **call_kwargs):
+        now = time.perf_counter()
+        bound = signature.bind(*call_args, **call_kwargs)
+        state, window = bound.arguments["state"], bound.arguments["window"]
+        stamps[state.step] = now
+        # window["loss"] accumulates loss.item() of every step since the last real log_train call
+        losses.append(window["loss"] - previous["loss"])
+        previous["loss"] = window["loss"]
+        threads_seen.append(torch.get_num_threads())
+        if state.step % args.logging_steps == 0 or state.step == cfg.max_train_steps:
+            original_log_train(*call_args, **call_kwargs)
+            previous["loss"] = 0.0
+
+    def set_threads(accelerator_cpu: bool) -> None:
+        torch.set_num_threads(args.threads)  # the engine would use os.cpu_count(); --threads may differ
+
+    reset_accelerate()
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    engine.log_train, engine.configure_cpu_threads = timed_log_train, set_threads
+    profiler = cProfile.Profile() if profile else None
+    try:
+        quiet = contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext()
+        with quiet:
+            if profiler:
+                profiler.enable()
+            start = time.perf_counter()
+            results = engine.train(cfg)
+            total = time.perf_counter() - start
+            if profiler:
+                profiler.disable()
+    finally:
+        engine.log_train, engine.configure_cpu_threads = original_log_train, original_threads
+        reset_accelerate()
+    first, last = args.warmup, args.warmup + args.steps
+    assert results.get("step") == last, results
+    return {"s_per_step": (stamps[last] - stamps[first]) / args.steps, "step_median": step_median(stamps, args),
+            "losses": losses, "wall": total,
+            "threads": sorted(set(threads_seen)), "profile": profiler, "miou": results.get("eval_mean_iou")}
+
+
+# ------------------------------------------------------------------------------------------- BARE
+
+class _NoAccelerator:
+    """What build_dataloaders reads from an Accelerator, for one CPU process; lets BARE reuse OUR loader code."""
+    device = torch.device("cpu")
+    num_processes = 1
+
+    @staticmethod
+    def main_process_first():
+        return contextlib.nullcontext()
+
+
+def run_bare(args, model_name: str, tree: Path, cache: Path, out: Path) -> dict:
+    cfg = make_config(args, model_name, tree, cache, out)
+    torch.set_num_threads(args.threads)
+    seed_everything(cfg.seed)  # train() seeds right before build_model too
+    model = build_model(cfg)
+    mean, std = model.image_mean, model.image_std
+    loader, _, sampler, transform, _, _ = engine.build_dataloaders(cfg, _NoAccelerator(), mean, std)
+    optimizer = build_optimizer(cfg, model)
+    total = cfg.max_train_steps
+    scheduler = build_scheduler(cfg, optimizer, total)
+
+    stamps, losses = {}, []
+    step, epoch = 0, 0
+    model.train()
+    start = time.perf_counter()
+    while step < total:
+        sampler.set_shuffle_epoch(epoch)
+        transform.epoch = epoch
+        for batch in loader:
+            labels = batch["labels"]
+            outputs = model(normalize_on_device(batch["pixel_values"], mean, std), output_size=labels.shape[-2:])
+            loss = F.cross_entropy(outputs["logits"], labels, ignore_index=IGNORE_INDEX)
+            if "aux_logits" in outputs:
+                loss = loss + cfg.aux_weight * F.cross_entropy(outputs["aux_logits"], labels,
+                                                               ignore_index=IGNORE_INDEX)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            stamps[step] = time.perf_counter()
+            losses.append(loss.detach())
+            if step >= total:
+                break
+        epoch += 1
+    wall = time.perf_counter() - start
+    first, last = args.warmup, args.warmup + args.steps
+    return {"s_per_step": (stamps[last] - stamps[first]) / args.steps, "step_median": step_median(stamps, args),
+            "losses": [float(x) for x in losses],
+            "wall": wall, "threads": [torch.get_num_threads()]}
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def summarise(values: list[float]) -> dict:
+    best = min(values)
+    return {"best": best, "median": statistics.median(values), "max": max(values),
+            "spread": (max(values) - best) / best}
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    return busy, own.ru_utime + own.ru_stime
+
+
+def others_cores(before, after, wall: float) -> float:
+    """Average cores that other processes kept busy between two cpu_seconds() samples."""
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / max(wall, 1e-9))
+
+
+def wait_for_quiet(max_wait: float, threshold: float) -> float:
+    """Sample 1 s at a time until other processes use < `threshold` cores (or `max_wait` runs out)."""
+    waited, start = 0.0, time.perf_counter()
+    while True:
+        before = cpu_seconds()
+        time.sleep(1.0)
+        busy = others_cores(before, cpu_seconds(), 1.0)
+        waited = time.perf_counter() - start
+        if busy < threshold or waited >= max_wait:
+            return busy
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def print_profile(profiler: cProfile.Profile, steps: int, limit: int) -> None:
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream).strip_dirs().sort_stats("tottime")
+    stats.print_stats(limit)
+    print(f"\n--- cProfile of one OURS run ({steps} steps incl. warmup, eval and checkpoint at the end), "
+          f"top {limit} by own time ---")
+    print(stream.getvalue())
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream).sort_stats("cumulative")
+    stats.print_stats(r"accelerate|tqdm|vocseg/engine|vocseg/log|logging/__init__", limit)
+    print("--- the same, cumulative time in accelerate / tqdm / engine / logging code ---")
+    print(stream.getvalue())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores, "
+                        "as vocseg.engine.configure_cpu_threads sets for one CPU process)")
+    parser.add_argument("--logging-steps", type=int, default=25, help="OURS calls the real log_train every N "
+                        "steps (demo recipe: 25); 1 logs every step")
+    parser.add_argument("--tracker", default="none", help="TrainConfig.tracker for OURS (default none: the loop "
+                        "itself, no experiment tracker)")
+    parser.add_argument("--wait-quiet", type=float, default=60, help="before each run, wait up to this many "
+                        "seconds for other processes to leave the CPU (0: do not wait)")
+    parser.add_argument("--quiet-threshold", type=float, default=0.2, help="'quiet' = other processes use fewer "
+                        "cores than this")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--num-train", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="after the timings, cProfile one OURS run per model")
+    parser.add_argument("--profile-lines", type=int, default=25)
+    parser.add_argument("--verbose", dest="quiet", action="store_false", help="show OURS's log lines")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, torch threads {args.threads}; "
+          f"batch {args.batch_size}, crop {args.crop_size}, {args.warmup} warm-up + {args.steps} timed steps, "
+          f"{args.repeats} repeats; load average at start: {loadavg()}")
+    timings = {m: {"ours": [], "bare": []} for m in args.models}
+    medians = {m: {"ours": [], "bare": []} for m in args.models}
+    last_losses, busy_runs = {}, []
+    with tempfile.TemporaryDirectory(prefix="vocseg-bench-") as tmp:
+        tmp = Path(tmp)
+        tree, cache = tmp / "tree", tmp / "cache"
+        make_synthetic_tree(tree, num_train=args.num_train, num_val=4, scale=0.5)
+        for split in ("train", "val"):  # build the Arrow caches once, outside every run
+            load_split(split, tree, None, cache)
+        run_id = 0
+        for repeat in range(args.repeats):
+            for i, model in enumerate(args.models):
+                order = ("ours", "bare") if (repeat + i) % 2 == 0 else ("bare", "ours")
+                for contender in order:
+                    run_id += 1
+                    out = tmp / f"run{run_id:03d}-{contender}"
+                    if args.wait_quiet > 0:
+                        wait_for_quiet(args.wait_quiet, args.quiet_threshold)
+                    before, start = cpu_seconds(), time.perf_counter()
+                    result = (run_ours if contender == "ours" else run_bare)(args, model, tree, cache, out)
+                    others = others_cores(before, cpu_seconds(), time.perf_counter() - start)
+                    busy_runs.append(others)
+                    timings[model][contender].append(result["s_per_step"])
+                    medians[model][contender].append(result["step_median"])
+                    last_losses[(model, contender)] = result["losses"]
+                    print(f"  repeat {repeat + 1} {model:30s} {contender}: {result['s_per_step']:.4f} s/step, "
+                          f"median step {result['step_median']:.4f} s (threads {result['threads']}, "
+                          f"other processes {others:.2f} cores, load {loadavg()})", flush=True)
+
+        print(f"\nload average at end: {loadavg()}; other processes used {min(busy_runs):.2f}-{max(busy_runs):.2f} "
+              f"cores during the runs (median {statistics.median(busy_runs):.2f})\n")
+        header = (f"{'model':30s} {'ours s/step':>12s} {'bare s/step':>12s} {'overhead':>9s}   "
+                  f"{'ours median / spread':>21s} {'bare median / spread':>21s}   target")
+        print(header)
+        print("-" * len(header))
+        failed = False
+        for model in args.models:
+            ours, bare = summarise(timings[model]["ours"]), summarise(timings[model]["bare"])
+            overhead = ours["best"] / bare["best"] - 1
+            ok = overhead <= TARGET_OVERHEAD
+            failed |= not ok
+            flag = " (noisy)" if max(ours["spread"], bare["spread"]) > SPREAD_FLAG else ""
+            print(f"{model:30s} {ours['best']:12.4f} {bare['best']:12.4f} {overhead:+8.1%}   "
+                  f"{ours['median']:9.4f} / {ours['spread']:6.1%}    {bare['median']:9.4f} / {bare['spread']:6.1%}   "
+                  f"{'OK' if ok else 'OVER'} (<= {TARGET_OVERHEAD:.0%}){flag}")
+        print("s/step = (stamp[warmup+steps] - stamp[warmup]) / steps; best of repeats; overhead = ours/bare - 1 "
+              "on the best;\nmedian and spread = (max - min) / min over the repeats")
+        print("\nrobust view (median single-step time of each run, best of repeats):")
+        for model in args.models:
+            ours, bare = min(medians[model]["ours"]), min(medians[model]["bare"])
+            print(f"{model:30s} ours {ours:.4f}  bare {bare:.4f}  overhead {ours / bare - 1:+.1%}")
+        print("\nall runs, s/step: " + "; ".join(
+            f"{m} ours {[round(x, 4) for x in timings[m]['ours']]} bare {[round(x, 4) for x in timings[m]['bare']]}"
+            for m in args.models))
+        for model in args.models:
+            ours_l, bare_l = np.array(last_losses[(model, "ours")]), np.array(last_losses[(model, "bare")])
+            diff = np.abs(ours_l - bare_l).max() / max(np.abs(bare_l).max(), 1e-12)
+            print(f"same computation check, {model}: max relative loss difference over {len(bare_l)} steps "
+                  f"{diff:.1e} (first {bare_l[0]:.4f}, last ours {ours_l[-1]:.4f} / bare {bare_l[-1]:.4f})")
+
+        if args.profile:
+            for model in args.models:
+                run_id += 1
+                result = run_ours(args, model, tree, cache, tmp / f"run{run_id:03d}-profile", profile=True)
+                print(f"\n=== {model} ===")
+                print_profile(result["profile"], args.warmup + args.steps, args.profile_lines)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
