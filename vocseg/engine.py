@@ -107,7 +107,11 @@ def resolve_run(cfg: TrainConfig, state: PartialState) -> tuple[TrainConfig, Rep
     if state.is_main_process:
         cfg.run_name = cfg.run_name or f"{cfg.recipe or cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg.output_dir = cfg.output_dir or str(Path("outputs") / cfg.run_name)
-        cfg.num_processes = state.num_processes
+        if cfg.clearml_queue and state.num_processes > 1:
+            raise ValueError("--clearml_queue enqueues the run and exits: start it as one process "
+                             "(python train.py ... --clearml_queue Q --num_processes N for an N-GPU replay)")
+        # Recorded for clearml-agent replays; enqueued from a laptop, it is the N asked for.
+        cfg.num_processes = (cfg.num_processes or state.num_processes) if cfg.clearml_queue else state.num_processes
         if uses_clearml(cfg):
             task, offline = start_task(cfg, state.num_processes, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
             recipe = CONFIGS_DIR / f"{cfg.recipe}.yaml"
