@@ -39,8 +39,10 @@ def launch(*args, processes=1):
 def demo_run(tmp_path_factory):
     """The quick start exactly as a user runs it (no arguments but fewer steps), in an empty folder."""
     workdir = tmp_path_factory.mktemp("quickstart")
-    result = run(launch(str(REPO / "train.py"), "--max_train_steps", "100", "--eval_steps", "50",
-                        "--checkpointing_steps", "50", "--run_name", "demo-test"),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "accelerate_configs" / "cpu.yaml"), str(REPO / "train.py"), "--max_train_steps", "100",
+               "--eval_steps", "50", "--checkpointing_steps", "50", "--run_name", "demo-test"]
+    result = run(command,
                  cwd=workdir, env_extra={"VOCSEG_CACHE": str(workdir / "cache")})
     return workdir, workdir / "outputs" / "demo-test", result
 

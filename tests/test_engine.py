@@ -213,3 +213,16 @@ def test_tensorboard_tracker_writes_scalars(synthetic_tree, tmp_path):
     tags = events.Tags()["scalars"]
     assert "train_loss" in tags and "eval_mean_iou" in tags
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["cpu", "single_gpu", "multi_gpu_bf16", "multi_gpu_fp16", "multi_node"])
+def test_accelerate_configs_load(name):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).resolve().parent.parent / "accelerate_configs" / f"{name}.yaml"))
+    expected = {"cpu": "no", "single_gpu": "bf16", "multi_gpu_bf16": "bf16", "multi_gpu_fp16": "fp16",
+                "multi_node": "bf16"}[name]
+    assert str(config.mixed_precision) == expected
+    assert (config.num_machines == 2) == (name == "multi_node")

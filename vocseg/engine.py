@@ -326,7 +326,7 @@ def train(cfg: TrainConfig) -> dict:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch += 1
-            window["loss"] += loss.detach().float().item()
+            window["loss"] = window["loss"] + loss.detach().float()  # a tensor: .item() would sync every step
             window["count"] += 1
             window["samples"] += batch["labels"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -386,7 +386,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def log_train(accelerator, reporter, state, window, optimizer, parts, grad_norm) -> None:
     elapsed = time.perf_counter() - window["start"]
-    loss = window["loss"] / max(window["count"], 1)
+    loss = float(window["loss"]) / max(window["count"], 1)
     values = {"train_loss": loss, "train_throughput_img_s": window["samples"] / max(elapsed, 1e-9),
               "epoch": state.epoch}
     if "loss_aux" in parts:
