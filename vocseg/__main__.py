@@ -4,6 +4,8 @@ import sys
 
 COMMANDS = {
     "evaluate": ("vocseg.cli.evaluate", "score an exported model on a split (exact mIoU, 1 or N processes)"),
+    "predict": ("vocseg.cli.predict", "segment image files / folders: palette PNG masks and overlays"),
+    "export": ("vocseg.cli.export", "turn a training checkpoint into the best_model/ format (and push it to the Hub)"),
     "check-data": ("vocseg.data.check", "validate VOC / SBD trees: counts, bad samples, class frequencies"),
     "compare": ("vocseg.cli.compare", "compare runs (offline sessions, task ids): differing hyperparameters, metrics"),
     "clearml-import": ("vocseg.cli.clearml_import", "upload an offline ClearML session to the configured server"),

@@ -1,7 +1,8 @@
-"""`python -m vocseg evaluate --model PATH --split val`: score an exported model at native resolution.
+"""`python -m vocseg evaluate --model PATH --split val`: score a model at native resolution.
 
 Runs in one process, or split over N with `accelerate launch [--multi_gpu --num_processes N] -m vocseg
-evaluate ...`; the metric is the training loop's exact one either way.
+evaluate ...`; the metric is the training loop's exact one either way. `--mode slide`, `--scales` and
+`--flip` give the sliding-window / multi-scale / flip numbers papers report (see vocseg.inference).
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from vocseg.constants import VOC_CLASSES
+from vocseg.constants import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 from vocseg.data import load_split
-from vocseg.data.transforms import build_eval_augment, collate, with_augmentation
-from vocseg.engine import eval_results, evaluate
+from vocseg.data.transforms import build_eval_augment, collate, normalize_on_device, with_augmentation
+from vocseg.engine import eval_results
+from vocseg.inference import MODES, load_model_or_checkpoint, predict_logits
 from vocseg.log import setup_logging
-from vocseg.models import load_model
+from vocseg.metrics import batch_confusion_matrices
 
 
 def format_table(results: dict) -> str:
@@ -33,9 +37,45 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """--mode / --crop / --stride / --scales / --flip, shared with `vocseg predict`."""
+    parser.add_argument("--mode", choices=MODES, default="whole", help="whole image, or mmseg's sliding window")
+    parser.add_argument("--crop", type=int, default=512, help="sliding-window size (--mode slide)")
+    parser.add_argument("--stride", type=int, default=341, help="sliding-window stride (--mode slide)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="test scales, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (softmax averaged over the views)")
+    parser.add_argument("--flip", action="store_true", help="also predict each mirrored view (softmax averaged)")
+
+
+def inference_options(args, parser: argparse.ArgumentParser) -> dict:
+    """predict_logits keyword arguments; bad values stop here with a usage error, before the model loads."""
+    if args.mode == "slide" and not 0 < args.stride <= args.crop:
+        parser.error(f"--stride must be in 1..--crop ({args.crop}), got {args.stride}")
+    if min(args.scales) <= 0:
+        parser.error(f"--scales must be positive, got {args.scales}")
+    return {"mode": args.mode, "crop_size": args.crop, "stride": args.stride, "scales": tuple(args.scales),
+            "flip": args.flip}
+
+
+@torch.inference_mode()
+def confusion_matrix(model, loader, accelerator, mean, std, options: dict, desc: str) -> torch.Tensor:
+    """engine.evaluate with predict_logits in place of the plain forward; the same exact DDP gathering."""
+    # The bare module (still under accelerate's mixed-precision autocast): a DDP forward may start a collective,
+    # and with sliding windows / scales the ranks run different numbers of forwards per batch.
+    model = accelerator.unwrap_model(model).eval()
+    total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        logits = predict_logits(model, normalize_on_device(batch["pixel_values"], mean, std), **options)
+        matrices = batch_confusion_matrices(logits.argmax(1), batch["labels"], NUM_CLASSES, IGNORE_INDEX)
+        # One matrix per sample: gather_for_metrics drops the duplicates that pad the last batch under DDP.
+        total += accelerator.gather_for_metrics(matrices).sum(0)
+    return total.cpu()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vocseg evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="an exported model folder (e.g. outputs/RUN/best_model)")
+    parser.add_argument("--model", required=True, help="an exported model folder (e.g. outputs/RUN/best_model) or a "
+                        "training checkpoint folder (outputs/RUN/checkpoints/step_N)")
     parser.add_argument("--data_root", default=None, help="VOC root or parquet folder (default: $DATASET_PATH)")
     parser.add_argument("--sbd_root", default=None)
     parser.add_argument("--split", default="val")
@@ -44,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--output", default=None, help="write the scores (and confusion matrix) as JSON here")
+    add_inference_args(parser)
     args = parser.parse_args(argv)
+    options = inference_options(args, parser)
 
     logger = setup_logging()
     accelerator = Accelerator()
-    model = load_model(args.model)
+    model = load_model_or_checkpoint(args.model)
     with accelerator.main_process_first():
         dataset = load_split(args.split, args.data_root, args.sbd_root, args.cache_dir)
     if args.max_samples:
@@ -57,18 +99,27 @@ def main(argv: list[str] | None = None) -> int:
                         batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     mean, std = model.image_mean, model.image_std
     model, loader = accelerator.prepare(model, loader)
-    matrix = evaluate(model, loader, accelerator, mean, std, desc=f"evaluate {args.split}")
+    matrix = confusion_matrix(model, loader, accelerator, mean, std, options, desc=f"evaluate {args.split}")
     scores = {k.removeprefix("eval_"): v for k, v in eval_results(matrix).items()}
     if accelerator.is_main_process:
-        logger.info(f"{args.model} on {args.split} ({len(dataset)} images, {accelerator.num_processes} process(es))")
+        logger.info(f"{args.model} on {args.split} ({len(dataset)} images, {accelerator.num_processes} process(es)); "
+                    f"{describe(options)}")
         print(format_table(scores))
         if args.output:
             payload = {**scores, "split": args.split, "num_samples": len(dataset), "model": str(args.model),
+                       "inference": {**options, "scales": list(options["scales"])},
                        "confusion_matrix": matrix.tolist()}
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(payload, indent=2))
     accelerator.wait_for_everyone()
     return 0
+
+
+def describe(options: dict) -> str:
+    text = "whole image" if options["mode"] == "whole" else f"sliding window {options['crop_size']}/{options['stride']}"
+    if options["scales"] != (1.0,):
+        text += ", scales " + " ".join(f"{s:g}" for s in options["scales"])
+    return text + (", flip" if options["flip"] else "")
 
 
 if __name__ == "__main__":
