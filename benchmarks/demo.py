@@ -24,6 +24,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,9 +45,26 @@ def loadavg() -> str:
         return "n/a"
 
 
+def busy_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat: everything but idle and iowait)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill the process group this script started (the launcher and the training process it spawned)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def launcher() -> list[str]:
     exe = shutil.which("accelerate")
-    return [exe] if exe else [sys.executable, "-m", "accelerate.commands.launch"]
+    return [exe, "launch"] if exe else [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 class StreamReader(threading.Thread):
@@ -108,8 +126,11 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores; load average before: {loadavg()}", flush=True)
 
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy_before = busy_cpu_seconds()
     start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Own session: on timeout the whole group goes (accelerate launch's child train.py included)
+    proc = subprocess.Popen(command, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     with open(workdir / "stdout.log", "w") as out_log, open(workdir / "stderr.log", "w") as err_log:
         out_reader = StreamReader(proc.stdout, start, out_log, args.echo)
         err_reader = StreamReader(proc.stderr, start, err_log, False)
@@ -122,18 +143,19 @@ def main(argv=None) -> int:
                 if data_ready is None and manifest.exists():
                     data_ready = time.perf_counter() - start
                 if time.perf_counter() - start > args.timeout:
-                    proc.kill()
+                    print(f"timeout: killing the run after {args.timeout:.0f} s", flush=True)
                     break
                 time.sleep(0.05)
-            proc.wait()
         finally:
             if proc.poll() is None:
-                proc.kill()
+                kill_group(proc)
+            proc.wait()
         wall = time.perf_counter() - start
         out_reader.join()
         err_reader.join()
     usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
+    others = max(0.0, (busy_cpu_seconds() - busy_before - cpu) / wall)
     load_after = loadavg()
 
     out_lines, err_lines = out_reader.lines, err_reader.lines
@@ -162,7 +184,8 @@ def main(argv=None) -> int:
     kept = f"   (logs: {workdir})" if args.keep or args.cache_dir else "   (--keep keeps the logs)"
     print(f"\nrun: {results_files[-1].parent.relative_to(run_dir)}{kept}")
     print(f"load average after: {load_after}; child CPU time {cpu:.0f} s over {wall:.0f} s wall "
-          f"({cpu / wall:.2f} cores busy on average)")
+          f"({cpu / wall:.2f} cores busy on average); other processes kept {others:.2f} cores busy"
+          + ("  <- the machine was shared: the wall time is pessimistic" if others > 0.2 else ""))
     print("\ntimeline (seconds since launch):")
     if data_ready is not None:
         print(f"  {data_ready:7.1f}  synthetic data tree written" + (" (already there)" if reused else ""))

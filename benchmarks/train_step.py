@@ -17,12 +17,22 @@ parameter groups) and schedule, on the same number of torch threads.
 
 Per repeat, every model runs both contenders back to back, and which goes first alternates
 between repeats. Other processes can only slow a run down, so the table reports the best of the
-repeats (as timeit does) and the overhead uses the best; median and spread ((max-min)/min) sit
-beside it, and a spread above 10% is flagged. The per-step losses of both contenders are compared
-as a check that they really compute the same thing.
+runs (as timeit does) and the overhead uses the best; median and spread ((max-min)/min) sit
+beside it, and a spread above 10% is flagged. The machine may be shared: /proc/stat tells how many
+cores other processes kept busy during each run; runs where they used >= --quiet-threshold cores
+are marked DISTURBED and left out of the table while undisturbed runs exist (--wait-quiet waits
+for a quiet CPU before each run). The per-step losses of both contenders are compared as a check
+that they really compute the same thing.
+
+Also printed per run: minor page faults per step. With glibc's default malloc a CPU training step
+hands its large activation buffers back to the OS and faults them in again (10-40 thousand faults
+per step here, a number that changes from run to run and moves the step time by up to ~15%);
+--malloc-tuned restarts the script with glibc told to keep that memory, which removes most of that
+noise. --phases splits each step into data / forward / loss / backward / optimizer / rest for
+both contenders; --profile adds a cProfile of one OURS run per model.
 
     python benchmarks/train_step.py --models segformer-b0 deeplabv3_mobilenet_v3_large \
-        --steps 30 --warmup 5 --batch-size 8 --crop-size 128 --repeats 3
+        --steps 30 --warmup 5 --batch-size 8 --crop-size 128 --repeats 3 [--phases] [--malloc-tuned]
 """
 
 from __future__ import annotations
@@ -41,7 +51,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -61,6 +70,9 @@ from vocseg.optim import build_optimizer, build_scheduler  # noqa: E402
 
 TARGET_OVERHEAD = 0.05
 SPREAD_FLAG = 0.10
+# glibc returns large freed blocks to the OS (mmap threshold, heap trimming), so every step page-faults
+# its activations back in: tens of thousands of faults per step, a count that varies from run to run.
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 DEFAULT_MODELS = ("segformer-b0", "deeplabv3_mobilenet_v3_large")
 
 
@@ -90,6 +102,62 @@ def seed_everything(seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------- OURS
 
+class Phases:
+    """--phases: per-step time spent in data loading (the DataLoader iterator's __next__), forward
+    (SegmentationModel.forward), loss, backward (Tensor.backward) and optimizer.step (AdamW/SGD), for
+    both contenders by the same class-level wrappers; "rest" = step time - their sum (accelerate's
+    wrappers, tqdm, scheduler, zero_grad, the loop itself)."""
+
+    NAMES = ("data", "forward", "loss", "backward", "optimizer")
+
+    def __init__(self):
+        self.current = dict.fromkeys(self.NAMES, 0.0)
+        self.steps: dict[int, dict] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.current[name] += seconds
+
+    def close(self, step: int) -> None:
+        self.steps[step], self.current = self.current, dict.fromkeys(self.NAMES, 0.0)
+
+    def reset(self) -> None:
+        self.current, self.steps = dict.fromkeys(self.NAMES, 0.0), {}
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*a, **k):
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                self.current[name] += time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+
+    def install(self) -> None:
+        import torch.utils.data.dataloader as dataloader_module
+
+        import vocseg.models
+        self.wrap(dataloader_module._BaseDataLoaderIter, "__next__", "data")
+        self.wrap(vocseg.models.SegmentationModel, "forward", "forward")
+        self.wrap(engine, "segmentation_loss", "loss")
+        self.wrap(torch.Tensor, "backward", "backward")
+        self.wrap(torch.optim.AdamW, "step", "optimizer")
+        self.wrap(torch.optim.SGD, "step", "optimizer")
+
+    def summary(self, stamps: dict[int, float], first: int, last: int) -> dict:
+        """Mean seconds per timed step in each phase, plus 'rest' and 'step'."""
+        steps = range(first + 1, last + 1)
+        out = {name: statistics.fmean(self.steps[k][name] for k in steps) for name in self.NAMES}
+        out["step"] = statistics.fmean(stamps[k] - stamps[k - 1] for k in steps)
+        out["rest"] = out["step"] - sum(out[name] for name in self.NAMES)
+        return out
+
+
+PHASES: Phases | None = None  # set by --phases
+
+
 def step_median(stamps: dict[int, float], args) -> float:
     """Median single-step time over the timed window: robust to another job stealing the CPU for a moment."""
     return statistics.median(stamps[k + 1] - stamps[k] for k in range(args.warmup, args.warmup + args.steps))
@@ -98,6 +166,7 @@ def step_median(stamps: dict[int, float], args) -> float:
 def run_ours(args, model_name: str, tree: Path, cache: Path, out: Path, profile: bool = False) -> dict:
     cfg = make_config(args, model_name, tree, cache, out)
     stamps: dict[int, float] = {}
+    faults: dict[int, int] = {}
     losses: list[float] = []
     threads_seen: list[int] = []
     previous = {"loss": 0.0}
@@ -111,8 +180,11 @@ def run_ours(args, model_name: str, tree: Path, cache: Path, out: Path, profile:
         bound = signature.bind(*call_args, **call_kwargs)
         state, window = bound.arguments["state"], bound.arguments["window"]
         stamps[state.step] = now
+        faults[state.step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        if PHASES:
+            PHASES.close(state.step)
         # window["loss"] accumulates loss.item() of every step since the last real log_train call
-        losses.append(window["loss"] - previous["loss"])
+        losses.append(float(window["loss"] - previous["loss"]))
         previous["loss"] = window["loss"]
         threads_seen.append(torch.get_num_threads())
         if state.step % args.logging_steps == 0 or state.step == cfg.max_train_steps:
@@ -123,6 +195,8 @@ def run_ours(args, model_name: str, tree: Path, cache: Path, out: Path, profile:
         torch.set_num_threads(args.threads)  # the engine would use os.cpu_count(); --threads may differ
 
     reset_accelerate()
+    if PHASES:
+        PHASES.reset()
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
     engine.log_train, engine.configure_cpu_threads = timed_log_train, set_threads
     profiler = cProfile.Profile() if profile else None
@@ -142,7 +216,8 @@ def run_ours(args, model_name: str, tree: Path, cache: Path, out: Path, profile:
     first, last = args.warmup, args.warmup + args.steps
     assert results.get("step") == last, results
     return {"s_per_step": (stamps[last] - stamps[first]) / args.steps, "step_median": step_median(stamps, args),
-            "losses": losses, "wall": total,
+            "faults": (faults[last] - faults[first]) / args.steps,
+            "losses": losses, "wall": total, "phases": PHASES.summary(stamps, first, last) if PHASES else None,
             "threads": sorted(set(threads_seen)), "profile": profiler, "miou": results.get("eval_mean_iou")}
 
 
@@ -160,6 +235,8 @@ class _NoAccelerator:
 
 def run_bare(args, model_name: str, tree: Path, cache: Path, out: Path) -> dict:
     cfg = make_config(args, model_name, tree, cache, out)
+    if PHASES:
+        PHASES.reset()
     torch.set_num_threads(args.threads)
     seed_everything(cfg.seed)  # train() seeds right before build_model too
     model = build_model(cfg)
@@ -169,7 +246,7 @@ def run_bare(args, model_name: str, tree: Path, cache: Path, out: Path) -> dict:
     total = cfg.max_train_steps
     scheduler = build_scheduler(cfg, optimizer, total)
 
-    stamps, losses = {}, []
+    stamps, faults, losses = {}, {}, []
     step, epoch = 0, 0
     model.train()
     start = time.perf_counter()
@@ -179,16 +256,22 @@ def run_bare(args, model_name: str, tree: Path, cache: Path, out: Path) -> dict:
         for batch in loader:
             labels = batch["labels"]
             outputs = model(normalize_on_device(batch["pixel_values"], mean, std), output_size=labels.shape[-2:])
+            loss_start = time.perf_counter()
             loss = F.cross_entropy(outputs["logits"], labels, ignore_index=IGNORE_INDEX)
             if "aux_logits" in outputs:
                 loss = loss + cfg.aux_weight * F.cross_entropy(outputs["aux_logits"], labels,
                                                                ignore_index=IGNORE_INDEX)
+            if PHASES:
+                PHASES.add("loss", time.perf_counter() - loss_start)
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             stamps[step] = time.perf_counter()
+            faults[step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            if PHASES:
+                PHASES.close(step)
             losses.append(loss.detach())
             if step >= total:
                 break
@@ -196,7 +279,8 @@ def run_bare(args, model_name: str, tree: Path, cache: Path, out: Path) -> dict:
     wall = time.perf_counter() - start
     first, last = args.warmup, args.warmup + args.steps
     return {"s_per_step": (stamps[last] - stamps[first]) / args.steps, "step_median": step_median(stamps, args),
-            "losses": [float(x) for x in losses],
+            "faults": (faults[last] - faults[first]) / args.steps,
+            "losses": [float(x) for x in losses], "phases": PHASES.summary(stamps, first, last) if PHASES else None,
             "wall": wall, "threads": [torch.get_num_threads()]}
 
 
@@ -278,18 +362,30 @@ def main(argv=None) -> int:
                         "cores than this")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num-train", type=int, default=64)
+    parser.add_argument("--phases", action="store_true", help="time data / forward / loss / backward / optimizer "
+                        "per step in both contenders and print where ours spends its extra time")
+    parser.add_argument("--malloc-tuned", action="store_true", help="re-run this script with glibc malloc "
+                        f"told to keep freed memory ({' '.join(f'{k}={v}' for k, v in MALLOC_TUNING.items())}): "
+                        "far fewer page faults per step, and much less run-to-run noise")
     parser.add_argument("--profile", action="store_true", help="after the timings, cProfile one OURS run per model")
     parser.add_argument("--profile-lines", type=int, default=25)
     parser.add_argument("--verbose", dest="quiet", action="store_false", help="show OURS's log lines")
     args = parser.parse_args(argv)
+    if args.malloc_tuned and any(os.environ.get(k) != v for k, v in MALLOC_TUNING.items()):
+        # glibc reads these at start-up only: start again with them set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_TUNING})
+    global PHASES
+    if args.phases:
+        PHASES = Phases()
+        PHASES.install()
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
 
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, torch threads {args.threads}; "
           f"batch {args.batch_size}, crop {args.crop_size}, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"{args.repeats} repeats; load average at start: {loadavg()}")
-    timings = {m: {"ours": [], "bare": []} for m in args.models}
-    medians = {m: {"ours": [], "bare": []} for m in args.models}
+          f"{args.repeats} repeats; load average at start: {loadavg()}; glibc malloc: "
+          + (" ".join(f"{k}={os.environ[k]}" for k in MALLOC_TUNING if k in os.environ) or "default"))
+    runs = {m: {"ours": [], "bare": []} for m in args.models}  # per run: s/step, median step, others' cores
     last_losses, busy_runs = {}, []
     with tempfile.TemporaryDirectory(prefix="vocseg-bench-") as tmp:
         tmp = Path(tmp)
@@ -310,38 +406,65 @@ def main(argv=None) -> int:
                     result = (run_ours if contender == "ours" else run_bare)(args, model, tree, cache, out)
                     others = others_cores(before, cpu_seconds(), time.perf_counter() - start)
                     busy_runs.append(others)
-                    timings[model][contender].append(result["s_per_step"])
-                    medians[model][contender].append(result["step_median"])
+                    runs[model][contender].append({"s": result["s_per_step"], "med": result["step_median"],
+                                                   "others": others, "phases": result["phases"],
+                                                   "faults": result["faults"]})
                     last_losses[(model, contender)] = result["losses"]
                     print(f"  repeat {repeat + 1} {model:30s} {contender}: {result['s_per_step']:.4f} s/step, "
-                          f"median step {result['step_median']:.4f} s (threads {result['threads']}, "
-                          f"other processes {others:.2f} cores, load {loadavg()})", flush=True)
+                          f"median step {result['step_median']:.4f} s, {result['faults']:.0f} page faults/step "
+                          f"(threads {result['threads']}, "
+                          f"other processes {others:.2f} cores{'' if others < args.quiet_threshold else ' DISTURBED'}"
+                          f", load {loadavg()})", flush=True)
 
         print(f"\nload average at end: {loadavg()}; other processes used {min(busy_runs):.2f}-{max(busy_runs):.2f} "
               f"cores during the runs (median {statistics.median(busy_runs):.2f})\n")
         header = (f"{'model':30s} {'ours s/step':>12s} {'bare s/step':>12s} {'overhead':>9s}   "
-                  f"{'ours median / spread':>21s} {'bare median / spread':>21s}   target")
+                  f"{'ours median / spread':>21s} {'bare median / spread':>21s} {'runs used':>10s}   target")
         print(header)
         print("-" * len(header))
-        failed = False
+        failed, robust = False, []
         for model in args.models:
-            ours, bare = summarise(timings[model]["ours"]), summarise(timings[model]["bare"])
+            chosen = {}
+            for contender in ("ours", "bare"):
+                clean = [r for r in runs[model][contender] if r["others"] < args.quiet_threshold]
+                chosen[contender] = clean or runs[model][contender]
+            all_clean = all(len(chosen[c]) == len([r for r in chosen[c] if r["others"] < args.quiet_threshold])
+                            for c in chosen)
+            ours, bare = summarise([r["s"] for r in chosen["ours"]]), summarise([r["s"] for r in chosen["bare"]])
             overhead = ours["best"] / bare["best"] - 1
             ok = overhead <= TARGET_OVERHEAD
             failed |= not ok
-            flag = " (noisy)" if max(ours["spread"], bare["spread"]) > SPREAD_FLAG else ""
+            flag = (" (noisy)" if max(ours["spread"], bare["spread"]) > SPREAD_FLAG else "") + \
+                ("" if all_clean else " (no undisturbed run: all runs used)")
+            used = f"{len(chosen['ours'])}+{len(chosen['bare'])}/{2 * args.repeats}"
             print(f"{model:30s} {ours['best']:12.4f} {bare['best']:12.4f} {overhead:+8.1%}   "
-                  f"{ours['median']:9.4f} / {ours['spread']:6.1%}    {bare['median']:9.4f} / {bare['spread']:6.1%}   "
-                  f"{'OK' if ok else 'OVER'} (<= {TARGET_OVERHEAD:.0%}){flag}")
-        print("s/step = (stamp[warmup+steps] - stamp[warmup]) / steps; best of repeats; overhead = ours/bare - 1 "
-              "on the best;\nmedian and spread = (max - min) / min over the repeats")
-        print("\nrobust view (median single-step time of each run, best of repeats):")
-        for model in args.models:
-            ours, bare = min(medians[model]["ours"]), min(medians[model]["bare"])
+                  f"{ours['median']:9.4f} / {ours['spread']:6.1%}    {bare['median']:9.4f} / {bare['spread']:6.1%} "
+                  f"{used:>10s}   {'OK' if ok else 'OVER'} (<= {TARGET_OVERHEAD:.0%}){flag}")
+            robust.append((model, min(r["med"] for r in chosen["ours"]), min(r["med"] for r in chosen["bare"])))
+        print(f"s/step = (stamp[warmup+steps] - stamp[warmup]) / steps; best of the runs used; overhead = ours/bare - 1 "
+              f"on the best;\nmedian and spread = (max - min) / min over the runs used; runs used = the runs during "
+              f"which other processes\nkept < {args.quiet_threshold} cores busy (all runs if a contender has none)")
+        print("\nrobust view (median single-step time of each run, best of the runs used):")
+        for model, ours, bare in robust:
             print(f"{model:30s} ours {ours:.4f}  bare {bare:.4f}  overhead {ours / bare - 1:+.1%}")
-        print("\nall runs, s/step: " + "; ".join(
-            f"{m} ours {[round(x, 4) for x in timings[m]['ours']]} bare {[round(x, 4) for x in timings[m]['bare']]}"
-            for m in args.models))
+        if args.phases:
+            names = (*Phases.NAMES, "rest", "step")
+            print("\nwhere the time goes (ms per timed step, the best run of each contender among the runs used):")
+            print(f"{'model':30s} {'':5s} " + " ".join(f"{n:>9s}" for n in names))
+            for model in args.models:
+                best = {}
+                for contender in ("ours", "bare"):
+                    pool = [r for r in runs[model][contender] if r["others"] < args.quiet_threshold] or \
+                        runs[model][contender]
+                    best[contender] = min(pool, key=lambda r: r["s"])["phases"]
+                    print(f"{model:30s} {contender:5s} " + " ".join(f"{1e3 * best[contender][n]:9.2f}" for n in names))
+                print(f"{'':30s} {'diff':5s} " + " ".join(f"{1e3 * (best['ours'][n] - best['bare'][n]):+9.2f}"
+                                                          for n in names))
+            print("data = DataLoader __next__ (ours: accelerate prefetches one batch ahead, so it is the next "
+                  "step's batch); rest = step - the others")
+        print("\nall runs, s/step (others' cores): " + "; ".join(
+            f"{m} " + " ".join(f"{c} [" + ", ".join(f"{r['s']:.4f} ({r['others']:.2f})" for r in runs[m][c]) + "]"
+                               for c in ("ours", "bare")) for m in args.models))
         for model in args.models:
             ours_l, bare_l = np.array(last_losses[(model, "ours")]), np.array(last_losses[(model, "bare")])
             diff = np.abs(ours_l - bare_l).max() / max(np.abs(bare_l).max(), 1e-12)
