@@ -89,7 +89,7 @@ def test_two_process_ddp_training_one_clearml_session_server_overrides_on_all_ra
     out = tmp_path / "ddp"
     overrides = {"Optim": {"learning_rate": "0.0042"}, "General": {"max_train_steps": "4"}}
     result = run(launch(str(REPO / "tests" / "helpers" / "train_with_server_overrides.py"),
-                        str(REPO / "train.py"), "--config", "demo", "--synthetic_data", "false", "--data_root",
+                        str(REPO / "train.py"), "--config", "demo", "--data_root",
                         str(tree), "--cache_dir", str(tmp_path / "cache"), "--crop_size", "48",
                         "--per_device_train_batch_size", "2", "--max_train_steps", "40", "--eval_steps", "4",
                         "--checkpointing_steps", "2", "--output_dir", str(out), "--num_debug_samples", "1",
@@ -102,6 +102,7 @@ def test_two_process_ddp_training_one_clearml_session_server_overrides_on_all_ra
     sessions = [p for p in (tmp_path / "clearml" / "offline").glob("offline-*") if p.is_dir()]
     assert len(sessions) == 1
     assert "2 process(es)" in result.stdout
+    assert "not using the synthetic demo data" in result.stdout and "SYNTHETIC" not in result.stdout
     assert result.stdout.count("checkpoint saved") == 2  # main process only: one line per event
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     # Each rank saved its own RNG state into the same, complete checkpoint.

@@ -58,7 +58,8 @@ class TrainConfig:
     data_root: str | None = _f(None, "Data", "VOC root: VOC2012, VOCdevkit or their parent, or a parquet "
                                "folder (default: $DATASET_PATH)")
     sbd_root: str | None = _f(None, "Data", "SBD benchmark_RELEASE (default: $SBD_DATASET_PATH)")
-    synthetic_data: bool = _f(False, "Data", "generate and use the synthetic demo tree (ignores data_root)")
+    synthetic_data: bool = _f(False, "Data", "generate and use the synthetic demo tree (only when no data_root "
+                              "is given)")
     train_split: str = _f("train_aug", "Data", "train / trainval / sbd_train / train_aug / parquet split")
     val_split: str = _f("val", "Data", "split scored every eval_steps")
     cache_dir: str | None = _f(None, "Data", "Arrow cache (default: ~/.cache/vocseg/datasets)")

@@ -105,6 +105,9 @@ def resolve_run(cfg: TrainConfig, state: PartialState) -> tuple[TrainConfig, Rep
     then give every rank that same config, before anything is built from it."""
     reporter = Reporter()
     if state.is_main_process:
+        if cfg.synthetic_data and cfg.data_root:  # an explicit data root wins over the demo's synthetic tree
+            logger.info(f"data_root {cfg.data_root} given: not using the synthetic demo data")
+            cfg.synthetic_data = False
         cfg.run_name = cfg.run_name or f"{cfg.recipe or cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg.output_dir = cfg.output_dir or str(Path("outputs") / cfg.run_name)
         if cfg.clearml_queue and state.num_processes > 1:
