@@ -165,3 +165,12 @@ def test_exif_orientation_is_ignored(tree_copy, cache_dir):
     assert np.array_equal(np.array(ours[0]["image"]), expected)
     raw = ours.cast_column("image", datasets.Image(decode=False))[0]["image"]
     assert np.array_equal(decode_image(raw), expected)
+
+
+def test_unrelated_parquet_beside_vocdevkit_is_ignored(tree_copy, cache_dir):
+    """The folder holding VOCdevkit often holds other data sets; their parquet files must not take over."""
+    other = tree_copy / "other_dataset" / "data"
+    other.mkdir(parents=True)
+    datasets.Dataset.from_dict({"x": [1, 2]}).to_parquet(str(other / "train-00000-of-00001.parquet"))
+    ours = load_split("train", data_root=tree_copy, cache_dir=cache_dir)
+    assert ours["id"] == (tree_copy / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").read_text().split()

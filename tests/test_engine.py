@@ -226,3 +226,29 @@ def test_accelerate_configs_load(name):
                 "multi_node": "bf16"}[name]
     assert str(config.mixed_precision) == expected
     assert (config.num_machines == 2) == (name == "multi_node")
+
+
+def test_checkpoint_after_resuming_from_an_earlier_step_replaces_the_abandoned_future(tmp_path):
+    from accelerate import Accelerator
+
+    from vocseg.checkpoint import resolve_resume, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    for step in (100, 200, 300):
+        save_checkpoint(accelerator, tmp_path, step, total_limit=3)
+    (tmp_path / "checkpoints" / "step_0000200" / "abandoned").write_text("old run")
+    # The run resumed from step 100 (e.g. with a lower lr) and now saves step 200 again.
+    save_checkpoint(accelerator, tmp_path, 200, total_limit=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000100", "step_0000200"]
+    assert not (tmp_path / "checkpoints" / "step_0000200" / "abandoned").exists()
+    assert resolve_resume("latest", tmp_path).name == "step_0000200"
+    assert not list(tmp_path.glob(".t*")), "temporary folders left behind"
+
+
+def test_zero_interval_turns_periodic_actions_off():
+    assert engine.every(10, 5) and not engine.every(10, 3) and not engine.every(10, 0)
+
+
+def test_none_on_the_command_line_clears_a_recipe_value():
+    cfg = parse_config(["--config", "segformer_b2_voc_aug", "--max_train_steps", "none", "--num_train_epochs", "3"])
+    assert cfg.max_train_steps is None and cfg.num_train_epochs == 3

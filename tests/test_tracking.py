@@ -73,6 +73,7 @@ def test_offline_session_holds_hyperparameters_scalars_plots_and_samples(synthet
     assert scalars[("learning_rate", "head_decay")] == [1, 2, 3, 4]
     assert scalars[("throughput", "images_per_s")] == [1, 2, 3, 4]
     assert scalars[("memory_gb", "cpu")] == [1, 2, 3, 4]
+    assert scalars[("grad_norm", "train")] == [1, 2, 3, 4]  # measured even without clipping
     for title in ("mIoU", "mAcc", "aAcc"):
         assert scalars[(title, "val")] == [2, 4]
     per_class = {series for (title, series) in scalars if title == "IoU per class"}

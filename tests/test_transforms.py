@@ -113,3 +113,16 @@ def test_collate_pads_labels_with_ignore_index(colour_coded):
     assert batch["pixel_values"].shape == (2, 3, 150, 200)
     assert (batch["labels"][0, 40:, :] == IGNORE_INDEX).all() and (batch["labels"][0, :, 60:] == IGNORE_INDEX).all()
     assert batch["ids"] == ["sample_0", "sample_2"]
+
+
+def test_unseeded_augmentation_differs_between_dataloader_workers(colour_coded):
+    """Forked workers inherit albumentations' RNG state; unseeded views must still draw independently."""
+    from torch.utils.data import DataLoader
+
+    same_image = datasets.Dataset.from_dict(
+        {"id": ["a", "b"], "image": [colour_coded[2]["image"]] * 2, "label": [colour_coded[2]["label"]] * 2},
+        features=FEATURES)
+    view = with_augmentation(same_image, build_train_augment(crop_size=64))
+    loader = DataLoader(view, batch_size=1, num_workers=2, collate_fn=collate)
+    first, second = [batch["pixel_values"] for batch in loader]
+    assert not torch.equal(first, second)

@@ -52,10 +52,19 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None)
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved twice (e.g. a signal right after a periodic save)
-            shutil.rmtree(staging)
-        else:
-            staging.rename(final)
+        old = None
+        if final.exists():  # left by an abandoned run this one resumed before: the new state replaces it
+            old = output_dir / f".trash-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        staging.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+        for newer in list_checkpoints(output_dir):  # steps ahead of this one belong to a run resumed from earlier
+            if int(CHECKPOINT_PATTERN.match(newer.name).group(1)) > step:
+                trash = output_dir / f".trash-{newer.name}"
+                newer.rename(trash)
+                shutil.rmtree(trash)
         if total_limit:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 trash = output_dir / f".trash-{old.name}"

@@ -160,6 +160,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             del argv[i]
             break
     recipe = load_recipe(recipe_path or default_recipe())
+    # `--max_train_steps none` (to train by epochs with a recipe that sets steps): argparse would
+    # reject "none" for an int, so optional fields given none/null are cleared here.
+    hints = typing.get_type_hints(TrainConfig)
+    for i in range(len(argv) - 2, -1, -1):
+        name = argv[i].removeprefix("--")
+        if name in hints and type(None) in typing.get_args(hints[name]) and argv[i + 1].lower() in ("none", "null"):
+            recipe[name] = None
+            del argv[i:i + 2]
     parser = HfArgumentParser(TrainConfig)
     parser.add_argument("--config", help="recipe YAML (configs/NAME.yaml or a path); CLI flags override it")
     parser.set_defaults(**recipe)

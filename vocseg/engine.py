@@ -142,7 +142,8 @@ def demo_data_root(seed: int = 0) -> Path:
 
 def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, image_mean, image_std):
     data_root, sbd_root = cfg.data_root, cfg.sbd_root
-    with accelerator.main_process_first():  # the main process builds the Arrow caches, the others read them
+    # One process per machine builds the Arrow caches (and the demo tree); the others then read them.
+    with accelerator.local_main_process_first():
         if cfg.synthetic_data:
             data_root = demo_data_root()
             sbd_root = data_root / "benchmark_RELEASE"
@@ -169,6 +170,11 @@ def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, image_mean, im
         raise ValueError(f"train split {cfg.train_split} has {len(train_set)} samples, fewer than one global batch "
                          f"({global_batch}): lower per_device_train_batch_size")
     return train_loader, val_loader, sampler, train_transform, len(train_set), len(val_set)
+
+
+def every(step: int, interval: int) -> bool:
+    """True every `interval` steps; 0 (or less) turns the periodic action off (it still runs at the end)."""
+    return interval > 0 and step % interval == 0
 
 
 def total_train_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
@@ -322,8 +328,8 @@ def train(cfg: TrainConfig) -> dict:
                 loss, parts = segmentation_loss(outputs, batch["labels"], cfg.aux_weight)
                 accelerator.backward(loss)
                 grad_norm = None
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if accelerator.sync_gradients:  # max_norm inf: measure the norm for the logs without clipping
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
@@ -337,11 +343,11 @@ def train(cfg: TrainConfig) -> dict:
             state.step += 1
             progress.update(1)
 
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            if every(state.step, cfg.logging_steps) or state.step == total_steps:
                 log_train(accelerator, reporter, state, window, optimizer, parts, grad_norm)
-            if state.step % cfg.eval_steps == 0 or state.step == total_steps:
+            if every(state.step, cfg.eval_steps) or state.step == total_steps:
                 last_eval = run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, state, mean, std, output_dir)
-            if state.step % cfg.checkpointing_steps == 0 or state.step == total_steps:
+            if every(state.step, cfg.checkpointing_steps) or state.step == total_steps:
                 path = save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
                 logger.info(f"checkpoint saved: {path}")
                 last_saved_step = state.step

@@ -38,7 +38,8 @@ def configured_api_host() -> str | None:
     if os.environ.get("CLEARML_API_HOST"):
         return os.environ["CLEARML_API_HOST"]
     config_file = Path(os.environ.get("CLEARML_CONFIG_FILE", Path.home() / "clearml.conf")).expanduser()
-    if not config_file.is_file():
+    has_credentials = bool(os.environ.get("CLEARML_API_ACCESS_KEY") or os.environ.get("CLEARML_API_SECRET_KEY"))
+    if not config_file.is_file() and not has_credentials:
         return None
     from clearml.backend_api import Session
 
@@ -84,7 +85,7 @@ def start_task(cfg: TrainConfig, world_size: int, mixed_precision: str):
         task_name=cfg.clearml_task_name or cfg.run_name,
         tags=[cfg.model, cfg.train_split, f"precision:{mixed_precision}", f"processes:{world_size}"],
         reuse_last_task_id=False,
-        output_uri=cfg.clearml_output_uri or None,
+        output_uri=cfg.clearml_output_uri or os.environ.get("CLEARML_OUTPUT_URI") or None,
         auto_connect_arg_parser=False,  # the config is connected section by section below
         # No framework hooks (torch.save would register every checkpoint as a model) and, offline,
         # no repository detection: it may contact an update server.

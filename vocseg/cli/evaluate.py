@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logger = setup_logging()
     accelerator = Accelerator()
     model = load_model_or_checkpoint(args.model)
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         dataset = load_split(args.split, args.data_root, args.sbd_root, args.cache_dir)
     if args.max_samples:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))

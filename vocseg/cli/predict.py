@@ -87,6 +87,12 @@ def save_prediction(image: np.ndarray, prediction: np.ndarray, out_stem: Path) -
     side_by_side.save(out_stem.with_name(out_stem.name + "_overlay.jpg"), quality=90)
 
 
+def segment(model, images: list[np.ndarray], device, options: dict) -> list[np.ndarray]:
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device)
+    logits = predict_logits(model, normalize_on_device(pixels, model.image_mean, model.image_std), **options)
+    return list(logits.argmax(1).cpu().numpy())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vocseg predict", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
@@ -142,11 +148,21 @@ def main(argv: list[str] | None = None) -> int:
                 fail(path, error)
         if not images:
             continue
-        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device)
-        logits = predict_logits(model, normalize_on_device(pixels, model.image_mean, model.image_std), **options)
-        for image, out_stem, prediction in zip(images, stems, logits.argmax(1).cpu().numpy()):
-            save_prediction(image, prediction, out / out_stem)
-            done += 1
+        paths = [path for (_, path, out_stem) in batch if out_stem in stems]
+        try:
+            predictions = segment(model, images, device, options)
+        except (torch.OutOfMemoryError, RuntimeError):
+            predictions = []  # a batch too big for memory: retry one image at a time, failing only those that don't fit
+            for image, path in zip(images, paths):
+                try:
+                    predictions += segment(model, [image], device, options)
+                except (torch.OutOfMemoryError, RuntimeError) as error:
+                    predictions.append(None)
+                    fail(path, f"prediction failed ({str(error).splitlines()[0][:200]}); try --mode slide")
+        for image, out_stem, prediction in zip(images, stems, predictions):
+            if prediction is not None:
+                save_prediction(image, prediction, out / out_stem)
+                done += 1
     print(f"wrote {done} prediction(s) to {out}")
     if failed:
         print(f"{len(failed)} input(s) failed:\n" + "\n".join(f"  {path}: {reason}" for path, reason in failed),

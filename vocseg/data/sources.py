@@ -107,17 +107,27 @@ def list_samples(split: str, data_root=None, sbd_root=None) -> list[Sample]:
 def find_parquet_files(data_root: str | os.PathLike | None, split: str) -> list[Path] | None:
     """Parquet files of `split` if data_root is a parquet file or a Hub-style parquet folder, else None.
 
-    Hub layouts: data/{split}-00000-of-00001.parquet, {split}/*.parquet, {split}.parquet, or a single file.
+    Hub layouts: data/{split}-*.parquet, {split}/*.parquet, {split}.parquet / {split}-*.parquet at the top, or a
+    single file. Only those fixed depths are looked at, and a folder holding a VOC tree is never a parquet
+    set: the folder that holds VOCdevkit often holds other data sets too.
     """
     if data_root is None:
         return None
     root = Path(data_root).expanduser()
     if root.is_file() and root.suffix == ".parquet":
         return [root]
-    if not root.is_dir() or not any(root.rglob("*.parquet")):
+    if not root.is_dir():
         return None
-    files = sorted(p for p in root.rglob("*.parquet")
-                   if p.stem == split or p.stem.startswith(f"{split}-") or p.parent.name == split)
+    try:
+        resolve_voc_root(root)
+        return None
+    except DataError:
+        pass
+    candidates = list(root.glob("*.parquet")) + list(root.glob("data/*.parquet")) + list(root.glob("*/*.parquet"))
+    if not candidates:
+        return None
+    files = sorted({p for p in candidates
+                    if p.stem == split or p.stem.startswith(f"{split}-") or p.parent.name == split})
     if not files:
         raise DataError(f"parquet folder {root} has no files for split {split!r}: expected "
                         f"data/{split}-*.parquet, {split}/*.parquet or {split}.parquet")

@@ -170,14 +170,17 @@ class SegmentationTransform:
         self.epoch = 0
 
     def _seed_for(self, sample_id: str) -> int:
+        if self.seed is None:
+            # Unseeded: fresh OS entropy per sample. Forked DataLoader workers each inherit a copy of
+            # albumentations' RNG state and would otherwise all draw the same crops, every epoch.
+            return int(np.random.SeedSequence().generate_state(1)[0])
         sequence = np.random.SeedSequence([self.seed, self.epoch, zlib.crc32(sample_id.encode())])
         return int(sequence.generate_state(1)[0])
 
     def __call__(self, batch: dict) -> dict:
         pixel_values, labels = [], []
         for sample_id, image, label in zip(batch["id"], batch["image"], batch["label"]):
-            if self.seed is not None:
-                self.augment.set_random_seed(self._seed_for(sample_id))
+            self.augment.set_random_seed(self._seed_for(sample_id))
             out = self.augment(image=decode_image(image), mask=decode_mask(label))
             pixel_values.append(out["image"])
             mask = out["mask"]
