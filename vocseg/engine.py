@@ -211,19 +211,24 @@ def prepare_inputs(batch: dict, model_mean, model_std, channels_last: bool) -> t
 
 @torch.inference_mode()
 def evaluate(model, loader, accelerator: Accelerator, image_mean, image_std, channels_last: bool = False,
-             desc: str = "eval") -> torch.Tensor:
+             desc: str = "eval", predict=None) -> torch.Tensor:
     """The [C, C] confusion matrix of the whole split at native label resolution, exact under DDP.
 
     One matrix per sample is gathered with `gather_for_metrics`, which drops the duplicate samples
     that even_batches pads the last batch with; summing per-rank matrices would count them twice.
+    `predict(pixel_values, output_size) -> logits` replaces the plain forward (e.g. sliding window / TTA).
     """
     was_training = model.training
     model.eval()
     total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         labels = batch["labels"]
-        logits = model(prepare_inputs(batch, image_mean, image_std, channels_last), output_size=labels.shape[-2:])
-        matrices = batch_confusion_matrices(logits["logits"].argmax(1), labels, NUM_CLASSES, IGNORE_INDEX)
+        pixel_values = prepare_inputs(batch, image_mean, image_std, channels_last)
+        if predict is None:
+            logits = model(pixel_values, output_size=labels.shape[-2:])["logits"]
+        else:
+            logits = predict(pixel_values, labels.shape[-2:])
+        matrices = batch_confusion_matrices(logits.argmax(1), labels, NUM_CLASSES, IGNORE_INDEX)
         total += accelerator.gather_for_metrics(matrices).sum(0)
     model.train(was_training)
     return total.cpu()

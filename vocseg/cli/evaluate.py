@@ -12,18 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from vocseg.constants import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
+from vocseg.constants import VOC_CLASSES
 from vocseg.data import load_split
-from vocseg.data.transforms import build_eval_augment, collate, normalize_on_device, with_augmentation
-from vocseg.engine import eval_results
+from vocseg.data.transforms import build_eval_augment, collate, with_augmentation
+from vocseg.engine import eval_results, evaluate
 from vocseg.inference import MODES, load_model_or_checkpoint, predict_logits
 from vocseg.log import setup_logging
-from vocseg.metrics import batch_confusion_matrices
 
 
 def format_table(results: dict) -> str:
@@ -57,21 +54,6 @@ def inference_options(args, parser: argparse.ArgumentParser) -> dict:
             "flip": args.flip}
 
 
-@torch.inference_mode()
-def confusion_matrix(model, loader, accelerator, mean, std, options: dict, desc: str) -> torch.Tensor:
-    """engine.evaluate with predict_logits in place of the plain forward; the same exact DDP gathering."""
-    # The bare module (still under accelerate's mixed-precision autocast): a DDP forward may start a collective,
-    # and with sliding windows / scales the ranks run different numbers of forwards per batch.
-    model = accelerator.unwrap_model(model).eval()
-    total = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        logits = predict_logits(model, normalize_on_device(batch["pixel_values"], mean, std), **options)
-        matrices = batch_confusion_matrices(logits.argmax(1), batch["labels"], NUM_CLASSES, IGNORE_INDEX)
-        # One matrix per sample: gather_for_metrics drops the duplicates that pad the last batch under DDP.
-        total += accelerator.gather_for_metrics(matrices).sum(0)
-    return total.cpu()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vocseg evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="an exported model folder (e.g. outputs/RUN/best_model) or a "
@@ -99,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                         batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     mean, std = model.image_mean, model.image_std
     model, loader = accelerator.prepare(model, loader)
-    matrix = confusion_matrix(model, loader, accelerator, mean, std, options, desc=f"evaluate {args.split}")
+    # The bare module (still under accelerate's mixed-precision autocast): a DDP forward may start a collective,
+    # and with sliding windows / scales the ranks run different numbers of forwards per batch.
+    bare = accelerator.unwrap_model(model)
+    matrix = evaluate(bare, loader, accelerator, mean, std, desc=f"evaluate {args.split}",
+                      predict=lambda pixel_values, size: predict_logits(bare, pixel_values, **options))
     scores = {k.removeprefix("eval_"): v for k, v in eval_results(matrix).items()}
     if accelerator.is_main_process:
         logger.info(f"{args.model} on {args.split} ({len(dataset)} images, {accelerator.num_processes} process(es)); "
