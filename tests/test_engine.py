@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import vocseg.engine as engine
-from vocseg.checkpoint import list_checkpoints
+from vocseg.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from vocseg.config import ConfigError, TrainConfig, load_recipe, parse_config
 from vocseg.constants import VOC_CLASSES
 from vocseg.models import load_model
@@ -58,8 +58,8 @@ def test_resume_after_crash_and_after_sigterm_equals_uninterrupted_run(synthetic
     # 1) A hard crash right after the step-2 checkpoint (mid-epoch: 2 of 3 batches consumed).
     original_save = engine.save_checkpoint
 
-    def save_then_crash(accelerator, output_dir, step, limit):
-        path = original_save(accelerator, output_dir, step, limit)
+    def save_then_crash(accelerator, output_dir, step, limit, run_config=None):
+        path = original_save(accelerator, output_dir, step, limit, run_config)
         if step == 2:
             raise SimulatedCrash
         return path
@@ -71,12 +71,13 @@ def test_resume_after_crash_and_after_sigterm_equals_uninterrupted_run(synthetic
     AcceleratorState._reset_state(reset_partial_state=True)
     assert [p.name for p in list_checkpoints(tmp_path / "crashed")] == ["step_0000002"]
 
-    # 2) Resume; SIGTERM arrives at step 4 (epoch 1, batch 1 of 3): save and leave cleanly.
+    # 2) Resume; SIGTERM arrives during step 4's logging: honoured at the next step (5: epoch 1, sample 8 of 12,
+    #    mid-epoch), which saves and leaves cleanly.
     original_log = engine.log_train
 
-    def log_then_signal(accelerator, reporter, state, *args):
-        original_log(accelerator, reporter, state, *args)
-        if state.step == 4:
+    def log_then_signal(run):
+        original_log(run)
+        if run.state.step == 4:
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(engine, "log_train", log_then_signal)
@@ -84,7 +85,7 @@ def test_resume_after_crash_and_after_sigterm_equals_uninterrupted_run(synthetic
     monkeypatch.setattr(engine, "log_train", original_log)
     AcceleratorState._reset_state(reset_partial_state=True)
     assert stopped["interrupted"]
-    assert list_checkpoints(tmp_path / "crashed")[-1].name == "step_0000004"
+    assert list_checkpoints(tmp_path / "crashed")[-1].name == "step_0000005"
     assert not (tmp_path / "crashed" / "all_results.json").exists()
 
     # 3) Resume again to the end.
@@ -93,8 +94,8 @@ def test_resume_after_crash_and_after_sigterm_equals_uninterrupted_run(synthetic
     assert_same_weights(final_weights(tmp_path / "reference", 6), final_weights(tmp_path / "crashed", 6))
     assert resumed["eval_mean_iou"] == reference["eval_mean_iou"]
     # Only complete checkpoints, at most checkpoints_total_limit (2), and no temp folders in checkpoints/.
-    assert [p.name for p in list_checkpoints(tmp_path / "crashed")] == ["step_0000004", "step_0000006"]
-    assert {p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()} == {"step_0000004", "step_0000006"}
+    assert [p.name for p in list_checkpoints(tmp_path / "crashed")] == ["step_0000005", "step_0000006"]
+    assert {p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()} == {"step_0000005", "step_0000006"}
 
 
 def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
@@ -118,15 +119,13 @@ def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
     exported = load_model(out / "best_model")
     assert json.loads((out / "best_model" / "vocseg_model.json").read_text())["step"] == written["best_step"]
     from accelerate import Accelerator
-    from torch.utils.data import DataLoader
 
     from vocseg.data import load_split
-    from vocseg.data.transforms import build_eval_augment, collate, with_augmentation
+    from vocseg.data.transforms import build_eval_augment, with_augmentation
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)
-    loader = DataLoader(with_augmentation(load_split("val", tree, cache_dir=tmp_path / "cache"), build_eval_augment()),
-                        batch_size=1, collate_fn=collate)
-    matrix = engine.evaluate(exported, loader, accelerator, exported.image_mean, exported.image_std)
+    view = with_augmentation(load_split("val", tree, cache_dir=tmp_path / "cache"), build_eval_augment())
+    matrix = engine.evaluate(exported, view, accelerator)
     assert engine.eval_results(matrix)["eval_mean_iou"] == best["eval_mean_iou"]
 
 
@@ -181,8 +180,10 @@ def test_config_cli_overrides_recipe_and_rejects_unknown_keys(tmp_path):
     recipe.write_text("model: segformer-b2\nlearnig_rate: 0.5\n")
     with pytest.raises(ConfigError, match="learnig_rate"):
         load_recipe(recipe)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--no_such_flag"):
         parse_config(["--config", "demo", "--no_such_flag", "1"])
+    with pytest.raises(ConfigError, match="--crop_size"):
+        parse_config(["--config", "demo", "--crop_size", "big"])
 
 
 @pytest.mark.parametrize("name", ["demo", "deeplabv3_r101_voc_aug", "segformer_b2_voc_aug",
@@ -199,20 +200,31 @@ def test_default_recipe_follows_dataset_path(monkeypatch):
     assert parse_config([]).recipe == "deeplabv3_r101_voc_aug"
 
 
-def test_tensorboard_tracker_writes_scalars(synthetic_tree, tmp_path):
+def test_tensorboard_holds_curves_per_class_iou_confusion_matrix_and_samples(synthetic_tree, tmp_path):
+    """Without a ClearML server, TensorBoard must show a run completely: grouped scalars, per-class IoU, images."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vocseg.summary import summary_lines
 
     tree, _ = synthetic_tree
     out = tmp_path / "tb"
-    engine.train(tiny_config(tree, out, tmp_path / "cache", tracker="tensorboard", max_train_steps=2, eval_steps=2,
-                             checkpointing_steps=2, max_eval_samples=1, crop_size=32))
-    event_files = list(out.rglob("events.out.tfevents.*"))
-    assert event_files, "no TensorBoard event file under output_dir"
-    events = EventAccumulator(str(event_files[0].parent))
+    cfg = tiny_config(tree, out, tmp_path / "cache", tracker="tensorboard", max_train_steps=2, eval_steps=2,
+                      checkpointing_steps=2, max_eval_samples=2, crop_size=32, num_debug_samples=2)
+    results = engine.train(cfg)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    tags = events.Tags()["scalars"]
-    assert "train_loss" in tags and "eval_mean_iou" in tags
-    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    scalars, images = events.Tags()["scalars"], events.Tags()["images"]
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
+    assert {"learning_rate/backbone_decay", "learning_rate/head_decay", "mIoU/val", "grad_norm/train"} <= set(scalars)
+    logged = json.loads((out / "eval_results.jsonl").read_text().splitlines()[-1])
+    per_class = {t.split("/", 1)[1] for t in scalars if t.startswith("IoU_per_class/")}
+    assert per_class == {name for name, iou in logged["eval_per_category_iou"].items() if iou is not None}
+    assert events.Scalars("mIoU/val")[-1].value == pytest.approx(logged["eval_mean_iou"], rel=1e-6)
+    assert "confusion_matrix/val" in images
+    val_ids = (tree / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split()[:2]
+    assert {f"val_samples/{i}" for i in val_ids} <= set(images)
+    assert results["tensorboard_dir"] == str(out / "tensorboard")
+    assert f"tensorboard --logdir {out / 'tensorboard'}" in "\n".join(summary_lines(cfg, results))
 
 
 @pytest.mark.parametrize("name", ["cpu", "single_gpu", "multi_gpu_bf16", "multi_gpu_fp16", "multi_node"])
@@ -228,19 +240,29 @@ def test_accelerate_configs_load(name):
     assert (config.num_machines == 2) == (name == "multi_node")
 
 
-def test_checkpoint_after_resuming_from_an_earlier_step_replaces_the_abandoned_future(tmp_path):
+def test_resuming_from_an_earlier_checkpoint_moves_the_later_ones_aside(tmp_path, capsys):
     from accelerate import Accelerator
 
-    from vocseg.checkpoint import resolve_resume, save_checkpoint
+    from vocseg.log import setup_logging
+    from vocseg.run_folder import claim_folder
 
+    setup_logging()
     accelerator = Accelerator(cpu=True)
     for step in (100, 200, 300):
         save_checkpoint(accelerator, tmp_path, step, total_limit=3)
-    (tmp_path / "checkpoints" / "step_0000200" / "abandoned").write_text("old run")
-    # The run resumed from step 100 (e.g. with a lower lr) and now saves step 200 again.
+    (tmp_path / "checkpoints" / "step_0000300" / "note").write_text("the abandoned future")
+    earlier = tmp_path / "checkpoints" / "step_0000100"
+    lock, resume = claim_folder(tmp_path, str(earlier), overwrite=False)
+    lock.release()
+    assert resume == earlier
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000100"]
+    [aside] = (tmp_path / "checkpoints").glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_0000200", "step_0000300"]
+    assert (aside / "step_0000300" / "note").read_text() == "the abandoned future"  # moved, not deleted
+    said = capsys.readouterr().out
+    assert "superseded" in said and "step_0000200, step_0000300" in said
+    # The resumed run saves step 200 again: a new, complete checkpoint; `latest` is the resumed run's.
     save_checkpoint(accelerator, tmp_path, 200, total_limit=3)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000100", "step_0000200"]
-    assert not (tmp_path / "checkpoints" / "step_0000200" / "abandoned").exists()
     assert resolve_resume("latest", tmp_path).name == "step_0000200"
     assert not list(tmp_path.glob(".t*")), "temporary folders left behind"
 

@@ -8,6 +8,7 @@ Each field's help text starts with its section, which groups it for ClearML (Gen
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import typing
@@ -17,6 +18,8 @@ from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser
+
+from vocseg.errors import UsageError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_RECIPE = CONFIGS_DIR / "demo.yaml"
@@ -41,7 +44,12 @@ class TrainConfig:
     eval_steps: int = _f(1000, "General", "evaluate on the val split every N optimiser steps (and at the end)")
     checkpointing_steps: int = _f(1000, "General", "save a resumable checkpoint every N steps (and at the end)")
     checkpoints_total_limit: int = _f(2, "General", "keep only the last N checkpoints")
-    resume_from_checkpoint: str | None = _f(None, "General", "'latest' or a checkpoint folder to resume from")
+    resume_from_checkpoint: str | None = _f(None, "General", "'latest' or a checkpoint folder to resume from "
+                                            "(the run's own config is used; see allow_config_change)")
+    overwrite_output_dir: bool = _f(False, "General", "start afresh in a non-empty output_dir: its content is "
+                                    "moved aside to <output_dir>.replaced-<time>/, never deleted")
+    allow_config_change: bool = _f(False, "General", "when resuming, accept flags that change the run's training "
+                                   "config (recorded in config_changes.jsonl; config.yaml stays as it was)")
     logging_steps: int = _f(20, "General", "log train loss / lr / throughput every N steps")
     tracker: Literal["clearml", "tensorboard", "all", "none"] = _f(
         "clearml", "General", "clearml (offline automatically when no server is configured), tensorboard "
@@ -72,6 +80,8 @@ class TrainConfig:
     per_device_eval_batch_size: int = _f(1, "Data", "eval batch per process (1: native sizes, no padding)")
     num_workers: int = _f(4, "Data", "DataLoader workers per process")
     max_eval_samples: int | None = _f(None, "Data", "score only the first N val samples (quick checks)")
+    max_eval_size: int | None = _f(None, "Data", "evaluate images whose long side exceeds N px at N px (logits "
+                                   "are scored at the label's native size); none: always native")
     # Model
     model: str = _f("deeplabv3_resnet101", "Model", "segformer-b0..b5, deeplabv3_resnet50/101, "
                     "deeplabv3_mobilenet_v3_large")
@@ -95,6 +105,10 @@ class TrainConfig:
     min_learning_rate: float = _f(0.0, "Optim", "learning rate at the last step")
     gradient_accumulation_steps: int = _f(1, "Optim", "micro-batches per optimiser step")
     max_grad_norm: float | None = _f(None, "Optim", "clip gradients to this norm (none: no clipping)")
+    on_nonfinite: Literal["stop", "skip"] = _f("stop", "Optim", "non-finite loss or gradient norm: stop the run "
+                                               "(nothing is saved from it), or skip that step (one host sync per "
+                                               "step; for fp16) and stop after max_nonfinite_steps")
+    max_nonfinite_steps: int = _f(10, "Optim", "with on_nonfinite skip: give up after this many skipped steps")
 
     def sections(self) -> dict[str, dict]:
         """The config grouped as ClearML hyperparameter sections."""
@@ -119,8 +133,8 @@ def section_of(name: str) -> str:
     return help_text[1:help_text.index("]")]
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UsageError):
+    """A bad recipe, flag or value; the message names the key."""
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -130,8 +144,12 @@ def load_recipe(path: str | os.PathLike) -> dict:
     if not path.is_file() and (CONFIGS_DIR / f"{path}.yaml").is_file():
         path = CONFIGS_DIR / f"{path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"recipe {path} not found (recipes ship in {CONFIGS_DIR})")
-    values = yaml.safe_load(path.read_text()) or {}
+        shipped = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+        raise ConfigError(f"recipe {path} not found (shipped recipes: {shipped})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"recipe {path} must be a mapping of config keys to values")
     unknown = sorted(set(values) - FIELD_NAMES)
@@ -141,41 +159,170 @@ def load_recipe(path: str | os.PathLike) -> dict:
     return values
 
 
-def default_recipe() -> Path:
-    """No --config: the real-data recipe when DATASET_PATH is set, else the synthetic demo."""
-    return REAL_DATA_RECIPE if os.environ.get("DATASET_PATH") else DEMO_RECIPE
+def real_data_given(argv: list[str]) -> bool:
+    return any(a == "--data_root" or a.startswith("--data_root=") for a in argv) or bool(os.environ.get("DATASET_PATH"))
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Recipe file (--config, or the default recipe) first, then CLI flags on top."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    recipe_path = None
+def default_recipe(argv: list[str] = ()) -> tuple[Path, str]:
+    """No --config: the real-data recipe when real data is given (--data_root or $DATASET_PATH), else the demo."""
+    if real_data_given(list(argv)):
+        source = "--data_root" if any(a.startswith("--data_root") for a in argv) else "$DATASET_PATH"
+        return REAL_DATA_RECIPE, f"default recipe for real data ({source} given, no --config)"
+    return DEMO_RECIPE, "default recipe: the synthetic demo (no --config, no --data_root, no $DATASET_PATH)"
+
+
+@dataclass
+class ParsedArgs:
+    """A parsed command line: the config, the keys the user set (recipe or flags), and where it came from."""
+    cfg: "TrainConfig"
+    explicit: set[str]
+    origin: str  # one line for the log: which recipe (or run config) and why
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            recipe_path = argv[i + 1]
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
             del argv[i:i + 2]
-            break
-        if arg.startswith("--config="):
-            recipe_path = arg.split("=", 1)[1]
+            return value
+        if arg.startswith(name + "="):
             del argv[i]
-            break
-    recipe = load_recipe(recipe_path or default_recipe())
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _report_to_tracker(value: str) -> str:
+    """HF's --report_to (names separated by commas or spaces) as vocseg's tracker."""
+    names = {n for n in value.replace(",", " ").split() if n}
+    if not names <= {"clearml", "tensorboard", "all", "none"}:
+        raise ConfigError(f"--report_to {value}: vocseg reports to clearml, tensorboard, all or none")
+    if "all" in names or names == {"clearml", "tensorboard"}:
+        return "all"
+    return next(iter(names)) if len(names) == 1 else "none"
+
+
+def _explicit_keys(argv: list[str]) -> set[str]:
+    hints = typing.get_type_hints(TrainConfig)
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0]
+            if name not in hints and name.startswith("no_") and name[3:] in hints:
+                name = name[3:]  # --no_aux_loss
+            keys.add(name)
+    return keys & FIELD_NAMES
+
+
+def _run_config_for_resume(argv: list[str]) -> tuple[dict, str] | None:
+    """Resuming: the run's own config (the checkpoint's, else output_dir/config.yaml) is the base, not a recipe."""
+    from vocseg.checkpoint import run_config_path
+
+    resume = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--resume_from_checkpoint"), None)
+    resume = resume or next((a.split("=", 1)[1] for a in argv if a.startswith("--resume_from_checkpoint=")), None)
+    output_dir = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--output_dir"), None)
+    output_dir = output_dir or next((a.split("=", 1)[1] for a in argv if a.startswith("--output_dir=")), None)
+    if not resume or resume.lower() in ("none", "null"):
+        return None
+    path = run_config_path(resume, output_dir)
+    if path is None:
+        return None
+    values = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(values) - FIELD_NAMES)
+    if unknown:
+        raise ConfigError(f"run config {path} has unknown key(s): {', '.join(unknown)}")
+    return values, f"resuming: the run's config {path}"
+
+
+def parse_args(argv: list[str] | None = None) -> ParsedArgs:
+    """Recipe file (--config, the default recipe, or the resumed run's config) first, then CLI flags on top."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    report_to = _pop_option(argv, "--report_to")
+    if report_to is not None:
+        argv += ["--tracker", _report_to_tracker(report_to)]
+    recipe_path = _pop_option(argv, "--config")
+    explicit = _explicit_keys(argv)
+    resumed = _run_config_for_resume(argv)
+    if resumed and not recipe_path:
+        base, origin = resumed
+    else:
+        default_path, reason = default_recipe(argv)
+        base = load_recipe(recipe_path or default_path)
+        origin = f"recipe {base['recipe']}: " + (f"--config {recipe_path}" if recipe_path else reason)
+        if recipe_path:
+            explicit |= set(base)
     # `--max_train_steps none` (to train by epochs with a recipe that sets steps): argparse would
     # reject "none" for an int, so optional fields given none/null are cleared here.
     hints = typing.get_type_hints(TrainConfig)
     for i in range(len(argv) - 2, -1, -1):
         name = argv[i].removeprefix("--")
         if name in hints and type(None) in typing.get_args(hints[name]) and argv[i + 1].lower() in ("none", "null"):
-            recipe[name] = None
+            base[name] = None
             del argv[i:i + 2]
     parser = HfArgumentParser(TrainConfig)
     parser.add_argument("--config", help="recipe YAML (configs/NAME.yaml or a path); CLI flags override it")
-    parser.set_defaults(**recipe)
+
+    def one_line_error(message):  # argparse would print the whole usage text and exit
+        raise ConfigError(f"{message} (see train.py --help)")
+
+    parser.error = one_line_error
+    parser.set_defaults(**base)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(f"unknown argument(s): {' '.join(unknown)}")
+        raise ConfigError(f"unknown argument(s): {' '.join(unknown)} (see train.py --help)")
     values = {k: v for k, v in vars(namespace).items() if k in FIELD_NAMES}
-    return TrainConfig(**values)
+    return ParsedArgs(TrainConfig(**values), explicit, origin)
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    return parse_args(argv).cfg
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+def validate_config(cfg: "TrainConfig") -> None:
+    """Refuse impossible values before anything is built: one ConfigError naming the key."""
+    from vocseg.models import MODEL_NAMES
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} = {getattr(cfg, key)!r}: expected {expected}")
+
+    def finite(value) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
+    need(cfg.model in MODEL_NAMES, "model", f"one of {', '.join(MODEL_NAMES)}")
+    for key in ("crop_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "max_nonfinite_steps"):
+        need(getattr(cfg, key) >= 1, key, "a whole number >= 1")
+    for key in ("num_workers", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "num_debug_samples",
+                "lr_warmup_steps", "seed"):
+        need(getattr(cfg, key) >= 0, key, "a whole number >= 0")
+    for key in ("max_train_steps", "num_train_epochs", "max_eval_samples"):
+        need(getattr(cfg, key) is None or getattr(cfg, key) >= 1, key, "a whole number >= 1 (or none)")
+    need(cfg.max_train_steps is not None or cfg.num_train_epochs is not None, "max_train_steps",
+         "a number of steps (or set num_train_epochs)")
+    need(cfg.max_eval_size is None or cfg.max_eval_size >= 32, "max_eval_size", "at least 32 px (or none)")
+    need(finite(cfg.learning_rate) and cfg.learning_rate > 0, "learning_rate", "a finite number > 0")
+    need(finite(cfg.min_learning_rate) and 0 <= cfg.min_learning_rate <= cfg.learning_rate, "min_learning_rate",
+         f"a number between 0 and learning_rate ({cfg.learning_rate})")
+    for key in ("weight_decay", "aux_weight"):
+        need(finite(getattr(cfg, key)) and getattr(cfg, key) >= 0, key, "a finite number >= 0")
+    for key in ("head_lr_mult", "poly_power"):
+        need(finite(getattr(cfg, key)) and getattr(cfg, key) > 0, key, "a finite number > 0")
+    for key in ("momentum", "adam_beta1", "adam_beta2"):
+        need(finite(getattr(cfg, key)) and 0 <= getattr(cfg, key) < 1, key, "a number in [0, 1)")
+    need(cfg.max_grad_norm is None or (finite(cfg.max_grad_norm) and cfg.max_grad_norm > 0), "max_grad_norm",
+         "a finite number > 0 (or none)")
+    need(finite(cfg.scale_min) and cfg.scale_min > 0, "scale_min", "a finite number > 0")
+    need(finite(cfg.scale_max) and cfg.scale_max >= cfg.scale_min, "scale_max", f">= scale_min ({cfg.scale_min})")
+    if cfg.max_train_steps is not None:
+        check_warmup(cfg.lr_warmup_steps, cfg.max_train_steps)
+
+
+def check_warmup(warmup_steps: int, total_steps: int) -> None:
+    if warmup_steps >= total_steps:
+        raise ConfigError(f"lr_warmup_steps = {warmup_steps}: expected fewer than the {total_steps} training steps "
+                          "(the learning rate would never decay): lower --lr_warmup_steps or train longer")
 
 
 def config_from_dict(values: dict, coerce: bool = False) -> TrainConfig:

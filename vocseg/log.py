@@ -7,6 +7,8 @@ import os
 
 from tqdm.auto import tqdm
 
+from vocseg.progress import bars_enabled
+
 
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
@@ -18,6 +20,17 @@ class _MainProcessOnly(logging.Filter):
         return int(os.environ.get("RANK", "0")) == 0  # set per process by accelerate launch / torchrun
 
 
+def quiet_library_progress_bars() -> None:
+    """datasets / transformers / huggingface_hub draw their own bars; in a log file they are carriage-return soup."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
     logger = logging.getLogger("vocseg")
     if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
@@ -27,4 +40,6 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    if not bars_enabled():
+        quiet_library_progress_bars()
     return logger

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-import os
+import sys
 
 from accelerate import PartialState
 
+from vocseg.engine import demo_data_path
 
-def print_summary(cfg, results: dict) -> None:
-    if not PartialState().is_main_process:
-        return
+
+def summary_lines(cfg, results: dict) -> list[str]:
     out = results.get("output_dir")
     lines = ["", "=" * 72]
     if results.get("interrupted"):
-        lines.append(f"Run interrupted; checkpoint in {out}/checkpoints. Resume with:")
-        lines.append(f"  accelerate launch train.py --config {cfg.recipe or '...'} --output_dir {out} "
-                     "--resume_from_checkpoint latest")
+        lines.append(f"Run stopped; checkpoint in {out}/checkpoints. Resume with:")
+        lines.append(f"  accelerate launch train.py --output_dir {out} --resume_from_checkpoint latest")
     else:
         miou, best = results.get("eval_mean_iou"), results.get("best_eval_mean_iou")
         lines.append(f"Finished {results.get('step')} steps of {cfg.model} on {cfg.train_split}.")
-        lines.append(f"  val mIoU ({cfg.val_split}): {miou:.4f}   best {best:.4f} at step {results.get('best_step')}"
-                     if miou is not None else "  val mIoU: n/a")
-        lines.append(f"  best model: {out}/best_model")
-        lines.append(f"  results:    {out}/all_results.json   config: {out}/config.yaml")
+        lines.append(f"  val mIoU ({cfg.val_split}) at the final step: {miou:.4f}" if miou is not None
+                     else "  val mIoU: n/a")
+        if best is not None and best >= 0:
+            lines.append(f"  best model:  {out}/best_model  (mIoU {best:.4f} at step {results.get('best_step')}, "
+                         f"selected on {cfg.val_split})")
+        lines.append(f"  results:     {out}/all_results.json   config: {out}/config.yaml")
+        data = demo_data_path() if cfg.synthetic_data else (cfg.data_root or "$DATASET_PATH")
+        lines.append(f"  evaluate it: python -m vocseg evaluate --model {out}/best_model --data_root {data}")
+    if results.get("tensorboard_dir"):
+        lines.append(f"  curves:      tensorboard --logdir {results['tensorboard_dir']}")
     if results.get("clearml_offline_session"):
         lines.append(f"  ClearML (offline) session: {results['clearml_offline_session']}")
         lines.append(f"  upload it to a server with: python -m vocseg clearml-import {results['clearml_offline_session']}")
@@ -33,5 +38,11 @@ def print_summary(cfg, results: dict) -> None:
                      "accelerate launch train.py")
         lines.append("(or --config configs/deeplabv3_r101_voc_aug.yaml --data_root ... --sbd_root ...)")
     lines.append("=" * 72)
-    print("\n".join(lines), flush=True)
-    os.sys.stdout.flush()
+    return lines
+
+
+def print_summary(cfg, results: dict) -> None:
+    if not PartialState().is_main_process:
+        return
+    print("\n".join(summary_lines(cfg, results)), flush=True)
+    sys.stdout.flush()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+from vocseg.errors import OneLineArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vocseg clearml-import", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m vocseg clearml-import", description=__doc__.split("\n")[0])
     parser.add_argument("session", help="offline session zip (or folder) printed at the end of an offline run")
     args = parser.parse_args(argv)
     session = Path(args.session)

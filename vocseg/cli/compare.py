@@ -6,7 +6,6 @@ RUN is an offline session folder or zip (works without any server), a ClearML ta
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -15,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from vocseg.constants import VOC_CLASSES
+from vocseg.errors import OneLineArgumentParser
 
 METRICS = (("mIoU", "val"), ("mAcc", "val"), ("aAcc", "val"))
 
@@ -99,7 +99,7 @@ def to_markdown(rows) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vocseg compare", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m vocseg compare", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="offline session folders/zips, task ids, or project/name")
     parser.add_argument("--all", action="store_true", help="show every hyperparameter, not only those that differ")
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 from vocseg.constants import VOC_CLASSES
 from vocseg.data import load_split
-from vocseg.data.transforms import build_eval_augment, collate, with_augmentation
-from vocseg.engine import eval_results, evaluate
+from vocseg.data.transforms import build_eval_augment, with_augmentation
+from vocseg.engine import EvalOptions, eval_results, evaluate
+from vocseg.errors import OneLineArgumentParser, cli_errors, pop_flag
 from vocseg.inference import MODES, load_model_or_checkpoint, predict_logits
 from vocseg.log import setup_logging
 
@@ -55,37 +55,44 @@ def inference_options(args, parser: argparse.ArgumentParser) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vocseg evaluate", description=__doc__.split("\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = pop_flag(argv, "--debug")
+    parser = OneLineArgumentParser(prog="python -m vocseg evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="an exported model folder (e.g. outputs/RUN/best_model) or a "
                         "training checkpoint folder (outputs/RUN/checkpoints/step_N)")
     parser.add_argument("--data_root", default=None, help="VOC root or parquet folder (default: $DATASET_PATH)")
     parser.add_argument("--sbd_root", default=None)
     parser.add_argument("--split", default="val")
     parser.add_argument("--cache_dir", default=None)
-    parser.add_argument("--batch_size", type=int, default=1, help="per process; 1 scores native sizes unpadded")
+    parser.add_argument("--batch_size", type=int, default=1, help="per process; images of the same size share a "
+                        "batch, so the scores equal batch 1's")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--max_eval_size", type=int, default=None, help="run images whose long side exceeds N px "
+                        "at N px (scored at native size)")
     parser.add_argument("--output", default=None, help="write the scores (and confusion matrix) as JSON here")
     add_inference_args(parser)
     args = parser.parse_args(argv)
     options = inference_options(args, parser)
+    if args.batch_size < 1 or args.num_workers < 0:
+        parser.error("--batch_size must be >= 1 and --num_workers >= 0")
+    with cli_errors(debug):
+        return evaluate_model(args, options)
 
+
+def evaluate_model(args, options: dict) -> int:
     logger = setup_logging()
     accelerator = Accelerator()
-    model = load_model_or_checkpoint(args.model)
+    model = load_model_or_checkpoint(args.model).to(accelerator.device)
     with accelerator.local_main_process_first():
         dataset = load_split(args.split, args.data_root, args.sbd_root, args.cache_dir)
     if args.max_samples:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-    loader = DataLoader(with_augmentation(dataset, build_eval_augment(model.image_mean, model.image_std)),
-                        batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
-    mean, std = model.image_mean, model.image_std
-    model, loader = accelerator.prepare(model, loader)
-    # The bare module (still under accelerate's mixed-precision autocast): a DDP forward may start a collective,
-    # and with sliding windows / scales the ranks run different numbers of forwards per batch.
-    bare = accelerator.unwrap_model(model)
-    matrix = evaluate(bare, loader, accelerator, mean, std, desc=f"evaluate {args.split}",
-                      predict=lambda pixel_values, size: predict_logits(bare, pixel_values, **options))
+    view = with_augmentation(dataset, build_eval_augment(model.image_mean, model.image_std))
+    eval_options = EvalOptions(batch_size=args.batch_size, num_workers=args.num_workers,
+                               max_eval_size=args.max_eval_size, desc=f"evaluate {args.split}",
+                               predict=lambda pixel_values, size: predict_logits(model, pixel_values, **options))
+    matrix = evaluate(model, view, accelerator, eval_options)
     scores = {k.removeprefix("eval_"): v for k, v in eval_results(matrix).items()}
     if accelerator.is_main_process:
         logger.info(f"{args.model} on {args.split} ({len(dataset)} images, {accelerator.num_processes} process(es)); "

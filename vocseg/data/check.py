@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -14,6 +13,7 @@ from vocseg.data.dataset import _sample_example
 from vocseg.data.reading import decode_mask
 from vocseg.data.sources import (SBD_SPLITS, VOC_SPLITS, DataError, list_samples, resolve_sbd_root,
                                  resolve_voc_root)
+from vocseg.errors import OneLineArgumentParser
 
 logger = logging.getLogger("vocseg")
 
@@ -90,7 +90,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vocseg check-data", description=__doc__)
+    parser = OneLineArgumentParser(prog="python -m vocseg check-data", description=__doc__)
     parser.add_argument("--data_root", default=None, help="VOC root (default: $DATASET_PATH)")
     parser.add_argument("--sbd_root", default=None, help="SBD benchmark_RELEASE (default: $SBD_DATASET_PATH)")
     parser.add_argument("--strict", action="store_true", help="also fail when a count differs from the official one")

@@ -64,6 +64,14 @@ def read_split_file(path: Path) -> list[str]:
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split file {path} lists no ids")
+    seen, repeated = set(), []
+    for sample_id in ids:
+        if sample_id in seen and sample_id not in repeated:
+            repeated.append(sample_id)
+        seen.add(sample_id)
+    if repeated:  # a repeated id would be trained on twice per epoch and scored twice
+        raise DataError(f"split file {path} lists {len(repeated)} id(s) more than once: "
+                        f"{', '.join(repeated[:5])}{', ...' if len(repeated) > 5 else ''}")
     return ids
 
 
@@ -132,3 +140,9 @@ def find_parquet_files(data_root: str | os.PathLike | None, split: str) -> list[
         raise DataError(f"parquet folder {root} has no files for split {split!r}: expected "
                         f"data/{split}-*.parquet, {split}/*.parquet or {split}.parquet")
     return files
+
+
+def check_split_available(split: str, data_root=None, sbd_root=None) -> None:
+    """Raise the DataError `load_split` would, from the split files alone (nothing decoded): a fast first check."""
+    if not find_parquet_files(data_root, split):
+        list_samples(split, data_root, sbd_root)

@@ -12,7 +12,6 @@ the way the real ones do.
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import io
 import json
@@ -24,6 +23,7 @@ import scipy.io
 from PIL import Image
 
 from vocseg.constants import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, VOC_PALETTE_FLAT
+from vocseg.errors import OneLineArgumentParser
 
 # One saturated colour per foreground class: hues spread around the wheel, two brightness levels
 # so neighbouring hues stay distinguishable after JPEG compression.
@@ -160,7 +160,7 @@ def make_synthetic_tree(out: str | Path, num_train: int = 300, num_val: int = 10
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vocseg.data.synthetic", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m vocseg.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("out", help="folder to write VOCdevkit/ (and benchmark_RELEASE/) into")
     parser.add_argument("--num-train", type=int, default=300)
     parser.add_argument("--num-val", type=int, default=100)
