@@ -56,6 +56,11 @@ class SegmentationModel(nn.Module):
         self.image_std = IMAGENET_STD
 
     @property
+    def min_input_size(self) -> int:
+        """Smallest side the model accepts: SegFormer's first attention reduces a 1/4-size map by 8 (sr_ratio)."""
+        return 29 if self.family == "segformer" else 1
+
+    @property
     def has_aux(self) -> bool:
         return getattr(self.inner, "aux_classifier", None) is not None
 

@@ -7,12 +7,12 @@ loadable by `from_pretrained` and `pipeline("image-segmentation")`; for DeepLab 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from vocseg.inference import load_checkpoint
-from vocseg.models import export_model
+from vocseg.models import META_FILE, export_model
+from vocseg.errors import OneLineArgumentParser
 
 
 def push_to_hub(out_dir: Path, repo_id: str) -> None:
@@ -33,19 +33,24 @@ def push_to_hub(out_dir: Path, repo_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vocseg export", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m vocseg export", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint folder (checkpoints/step_N)")
     parser.add_argument("--out", required=True, help="the export folder to write (replaced if it is an export)")
     parser.add_argument("--push_to_hub", metavar="REPO", default=None, help="also upload to this Hub model repo")
     args = parser.parse_args(argv)
 
     checkpoint = Path(args.checkpoint).resolve()
+    if (checkpoint / META_FILE).is_file():
+        print(f"error: {checkpoint} is already an exported model ({META_FILE}); it loads as it is (evaluate / "
+              "predict --model); export takes a training checkpoint folder (outputs/RUN/checkpoints/step_N)",
+              file=sys.stderr)
+        return 2
     try:
         model, config = load_checkpoint(checkpoint)
         out = export_model(model, args.out, extra={"source_checkpoint": str(checkpoint), "train_config": config})
     except (FileNotFoundError, FileExistsError, ValueError) as error:  # named paths; no traceback needed
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"exported {model.name} from {checkpoint} to {out}")
     if args.push_to_hub:
         try:

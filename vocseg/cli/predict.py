@@ -8,8 +8,8 @@ skipped; the exit code is 1 if any was.
 
 from __future__ import annotations
 
-import argparse
 import io
+import math
 import sys
 from itertools import groupby
 from pathlib import Path
@@ -24,6 +24,7 @@ from vocseg.cli.evaluate import add_inference_args, inference_options
 from vocseg.constants import VOC_PALETTE, VOC_PALETTE_FLAT
 from vocseg.data.transforms import decode_image, normalize_on_device
 from vocseg.inference import load_model_or_checkpoint, predict_logits
+from vocseg.errors import OneLineArgumentParser
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -48,6 +49,16 @@ def find_images(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[tuple[
         else:
             missing.append((item, "no such file or folder"))
     return found, missing
+
+
+def check_large_enough(size: tuple[int, int], min_side: int, smallest_scale: float, model_name: str) -> None:
+    """A side below the model's minimum fails deep inside the network; say so before, with the way out."""
+    shortest = min(size) * smallest_scale
+    if shortest < min_side:
+        needed = min_side / min(size)
+        raise BadInput(f"{size[1]}x{size[0]} px{' at scale %g' % smallest_scale if smallest_scale != 1 else ''} is "
+                       f"smaller than the {min_side} px a side {model_name} needs: upscale it, e.g. --scales "
+                       f"{math.ceil(needed * 10) / 10:g}")
 
 
 def image_size(path: Path, max_pixels: int) -> tuple[int, int]:
@@ -94,7 +105,7 @@ def segment(model, images: list[np.ndarray], device, options: dict) -> list[np.n
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vocseg predict", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m vocseg predict", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="exported model folder or training checkpoint folder")
     parser.add_argument("--out", required=True, help="output folder")
@@ -126,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             if (out / f"{out_stem}.png").resolve() == path.resolve():
                 raise BadInput("its output would overwrite the input itself: choose another --out")
             claimed[out_stem] = path
-            sized.append((image_size(path, args.max_megapixels * 1e6), path, out_stem))
+            size = image_size(path, args.max_megapixels * 1e6)
+            check_large_enough(size, model.min_input_size, min(options["scales"]), model.name)
+            sized.append((size, path, out_stem))
         except BadInput as error:
             fail(path, error)
     sized.sort(key=lambda item: item[0])
@@ -158,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                     predictions += segment(model, [image], device, options)
                 except (torch.OutOfMemoryError, RuntimeError) as error:
                     predictions.append(None)
-                    fail(path, f"prediction failed ({str(error).splitlines()[0][:200]}); try --mode slide")
+                    hint = "; try --mode slide" if options["mode"] == "whole" and max(image.shape[:2]) > options[
+                        "crop_size"] else ""
+                    fail(path, f"prediction failed ({str(error).splitlines()[0][:200]}){hint}")
         for image, out_stem, prediction in zip(images, stems, predictions):
             if prediction is not None:
                 save_prediction(image, prediction, out / out_stem)
