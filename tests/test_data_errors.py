@@ -130,3 +130,15 @@ def test_check_data_cli(tree_copy, capsys, monkeypatch):
     assert vocseg_main() == 1
     out = capsys.readouterr().out
     assert sample_id in out and "[42]" in out and "PROBLEMS FOUND" in out
+
+
+def test_duplicate_ids_in_a_split_file_are_named(tree_copy, capsys, monkeypatch):
+    split_file = tree_copy / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt"
+    ids = split_file.read_text().split()
+    split_file.write_text("\n".join(ids + ids[:2] + ids[:1]) + "\n")  # two ids repeated (one of them twice)
+    with pytest.raises(DataError, match=rf"{split_file} lists 2 id\(s\) more than once: {ids[0]}, {ids[1]}"):
+        load_split("train", tree_copy, cache_dir=tree_copy / "cache")
+    monkeypatch.setattr("sys.argv", ["vocseg", "check-data", "--data_root", str(tree_copy)])
+    assert vocseg_main() == 1
+    out = capsys.readouterr().out
+    assert "more than once" in out and "PROBLEMS FOUND" in out

@@ -21,6 +21,7 @@ def run(command, cwd, env_extra=None, timeout=600):
            **(env_extra or {})}
     for name in ("DATASET_PATH", "SBD_DATASET_PATH", "CLEARML_API_HOST", "CLEARML_OFFLINE_MODE", "CLEARML_TASK_ID"):
         env.pop(name, None)
+    env = {k: v for k, v in env.items() if v is not None}  # env_extra NAME=None: unset it
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -35,6 +36,11 @@ def launch(*args, processes=1):
     return base + ["--multi_gpu", "--num_processes", str(processes), *args]
 
 
+def demo_env(workdir: Path) -> dict:
+    """A user's fresh account: HOME is the work folder, so ~/.cache/vocseg and ~/.clearml are its own."""
+    return {"HOME": str(workdir), "CLEARML_CACHE_DIR": str(workdir / ".clearml" / "cache"), "VOCSEG_CACHE": None}
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The quick start exactly as a user runs it (no arguments but fewer steps), in an empty folder."""
@@ -42,8 +48,7 @@ def demo_run(tmp_path_factory):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "accelerate_configs" / "cpu.yaml"), str(REPO / "train.py"), "--max_train_steps", "100",
                "--eval_steps", "50", "--checkpointing_steps", "50", "--run_name", "demo-test"]
-    result = run(command,
-                 cwd=workdir, env_extra={"VOCSEG_CACHE": str(workdir / "cache")})
+    result = run(command, cwd=workdir, env_extra=demo_env(workdir))
     return workdir, workdir / "outputs" / "demo-test", result
 
 
@@ -54,12 +59,40 @@ def test_quickstart_demo_learns_and_says_it_is_synthetic(demo_run):
     assert results["eval_mean_iou"] >= 0.3, results["eval_mean_iou"]
     assert "SYNTHETIC" in result.stdout and "DATASET_PATH" in result.stdout
     assert str(out / "best_model") in result.stdout or "outputs/demo-test/best_model" in result.stdout
-    assert (workdir / "cache" / "synthetic-demo-v1-seed0" / "VOCdevkit" / "VOC2012").is_dir()
+    assert (workdir / ".cache" / "vocseg" / "synthetic-demo-v1-seed0" / "VOCdevkit" / "VOC2012").is_dir()
+    assert "recipe demo: default recipe: the synthetic demo" in result.stdout.splitlines()[0]
+
+
+def test_quickstart_log_reads_well_in_a_file(demo_run):
+    """Not a terminal: no progress-bar redraws, a plain line every logging_steps with step/total and ETA."""
+    _, _, result = demo_run
+    assert "\r" not in result.stdout and "\r" not in result.stderr
+    step_lines = [line for line in result.stdout.splitlines() if " | loss " in line]
+    assert [line.split("step ")[1].split(" ")[0] for line in step_lines] == ["25/100", "50/100", "75/100", "100/100"]
+    assert all(" | ETA " in line and " img/s" in line for line in step_lines)
+
+
+def test_readme_after_the_demo_commands_run_as_written(demo_run):
+    workdir, _, _ = demo_run
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- after-demo:begin -->")[1].split("<!-- after-demo:end -->")[0]
+    script = block.split("```bash")[1].split("```")[0]
+    # This interpreter's bin first: `python` / `tensorboard` as the user's, whatever shims HOME would change.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {k: v for k, v in {**os.environ, **demo_env(workdir), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+                             "PATH": path}.items() if v is not None}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"README block failed:\n{script}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "confusion_matrix/val" in result.stdout and "IoU_per_class/" in result.stdout  # tensorboard --inspect
+    assert "mIoU" in result.stdout  # evaluate's table
+    assert sorted(p.name for p in (workdir / "preds").iterdir()) == [
+        f"2007_00000{i}{suffix}" for i in range(4) for suffix in (".png", "_overlay.jpg")]
 
 
 def test_two_process_and_one_process_evaluation_are_identical(demo_run, tmp_path):
     workdir, out, _ = demo_run
-    data_root = workdir / "cache" / "synthetic-demo-v1-seed0"
+    data_root = workdir / ".cache" / "vocseg" / "synthetic-demo-v1-seed0"
     common = ["-m", "vocseg", "evaluate", "--model", str(out / "best_model"), "--data_root", str(data_root),
               "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0"]
     # 7 images over 2 processes: the last batch is padded with a duplicate that must not be counted.

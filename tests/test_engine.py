@@ -108,6 +108,13 @@ def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
     for key in ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy", "eval_per_category_iou", "step",
                 "epoch", "best_eval_mean_iou", "best_step"):
         assert key in written, key
+    # Train figures beside the scores: the mean loss of the run's logged steps, its runtime and throughput.
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    assert written["train_loss"] == pytest.approx(sum(e["train_loss"] for e in logged) / 4, rel=1e-6)
+    assert written["train_runtime"] > 0
+    assert written["train_samples_per_second"] == pytest.approx(4 * 2 / written["train_runtime"], rel=1e-6)
+    assert written["best_model_selected_on"] == "val"
     assert list(written["eval_per_category_iou"]) == list(VOC_CLASSES)
     assert written["step"] == 4 and written["best_step"] in (2, 4)
     assert written["best_eval_mean_iou"] >= written["eval_mean_iou"]
@@ -118,6 +125,9 @@ def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
     best = next(h for h in history if h["step"] == written["best_step"])
     exported = load_model(out / "best_model")
     assert json.loads((out / "best_model" / "vocseg_model.json").read_text())["step"] == written["best_step"]
+    card = (out / "best_model" / "README.md").read_text()  # the export explains itself
+    assert card.startswith("---\n") and "deeplabv3_mobilenet_v3_large" in card
+    assert f"{100 * written['best_eval_mean_iou']:.2f}" in card and "selected on val" in card
     from accelerate import Accelerator
 
     from vocseg.data import load_split

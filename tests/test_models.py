@@ -264,3 +264,31 @@ def test_segformer_backbone_weights_from_mit_dir(tmp_path):
 
     with pytest.raises(ValueError, match="mit-b0"):  # b0 weights do not fit a b2
         build_model(cfg("segformer-b2", backbone_weights=str(tmp_path / "mit-b0")))
+
+
+def test_an_unreachable_hub_id_for_pretrained_is_a_quick_one_line_error(monkeypatch, tmp_path):
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+
+    from vocseg.errors import UsageError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE is set: download it .* --pretrained DIR"):
+        build_model(SimpleNamespace(model="segformer-b2", pretrained="nvidia/mit-b2"))
+
+    def no_network(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="huggingface.co is unreachable .*Network is unreachable.*--pretrained DIR"):
+        build_model(SimpleNamespace(model="segformer-b2", pretrained="nvidia/mit-b2"))
+    assert time.monotonic() - started < 5
+    with pytest.raises(UsageError, match="no such folder"):
+        build_model(SimpleNamespace(model="segformer-b2", pretrained=str(tmp_path / "missing")))

@@ -702,7 +702,8 @@ def run_evaluation(run: Run) -> dict | None:
         if accelerator.is_main_process:
             export_model(bare, run.output_dir / "best_model",
                          extra={"eval_mean_iou": miou, "step": state.step, "val_split": cfg.val_split,
-                                "selected_on": cfg.val_split, "train_config": cfg.to_dict()})
+                                "selected_on": cfg.val_split, "train_config": cfg.to_dict(),
+                                "eval_per_category_iou": results["eval_per_category_iou"]})
             run.reporter.best_model(run.output_dir / "best_model", state.step, miou)
         accelerator.wait_for_everyone()
     logger.info(f"eval step {state.step} | mIoU {_fmt(miou)} | mAcc {_fmt(results['eval_mean_accuracy'])} | "

@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vocseg.constants import ID2LABEL, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, LABEL2ID, NUM_CLASSES
+from vocseg.errors import UsageError
+from vocseg.model_card import model_card
 
 # Published Mix-Transformer sizes (SegFormer paper, Table 6; the nvidia/mit-bX configs):
 # (hidden_sizes, depths, decoder_hidden_size). Heads [1, 2, 5, 8], sr_ratios [8, 4, 2, 1] and MLP ratio 4
@@ -130,17 +133,46 @@ def _build_segformer(name: str, pretrained: str | None):
 
     if not pretrained:
         return SegformerForSemanticSegmentation(_segformer_config(name))
+    local_only = _pretrained_source(pretrained)
     # ignore_mismatched_sizes: an ADE/Cityscapes checkpoint's classifier has another class count; it is
     # re-initialised for VOC's 21 classes while the encoder (and decoder MLPs) keep their weights.
     inner = SegformerForSemanticSegmentation.from_pretrained(
         pretrained, num_labels=NUM_CLASSES, id2label=dict(ID2LABEL), label2id=dict(LABEL2ID),
-        semantic_loss_ignore_index=IGNORE_INDEX, ignore_mismatched_sizes=True)
+        semantic_loss_ignore_index=IGNORE_INDEX, ignore_mismatched_sizes=True, local_files_only=local_only)
     hidden_sizes, depths, _ = SEGFORMER_SIZES[name]
     if list(inner.config.hidden_sizes) != hidden_sizes or list(inner.config.depths) != depths:
         # Otherwise the model would silently be another size than the name the run (and export) reports.
         raise ValueError(f"pretrained {pretrained!r} is not a {name} (hidden_sizes={inner.config.hidden_sizes}, "
                          f"depths={inner.config.depths})")
     return inner
+
+
+def _pretrained_source(pretrained: str) -> bool:
+    """True when `pretrained` can be read without the network (a folder, or a Hub id already in the HF cache).
+
+    A Hub id that is neither cached nor reachable fails here, in seconds and with the way out, instead of after
+    ~30 s of download retries with an OSError that does not mention local folders.
+    """
+    if Path(pretrained).expanduser().exists():
+        return True
+    if "/" not in pretrained or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
+        raise UsageError(f"--pretrained {pretrained}: no such folder (and not a Hub id like nvidia/mit-b2)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
+        return True
+    hint = (f"download it where there is network (hf download {pretrained} --local-dir DIR) and pass "
+            "--pretrained DIR")
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(f"--pretrained {pretrained}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                         + hint)
+    host = constants.ENDPOINT.split("://", 1)[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as error:
+        raise UsageError(f"--pretrained {pretrained}: not in the local Hugging Face cache and {host} is unreachable "
+                         f"({error}): {hint}") from None
+    return False
 
 
 def _build_deeplab(name: str, aux_loss: bool) -> nn.Module:
@@ -260,6 +292,7 @@ def export_model(model: SegmentationModel, out_dir, extra: dict | None = None) -
             state = {k: v.detach().contiguous().cpu() for k, v in model.inner.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(meta))
         # A directory cannot be os.replace'd over a non-empty one: move the old export aside first, and delete
         # it only once the new one is in place.
         if out_dir.exists():
