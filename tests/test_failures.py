@@ -212,3 +212,26 @@ def test_sigterm_exits_with_code_3_and_the_run_resumes(synthetic_tree, tmp_path)
     result = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"resumed from {stopped_at}" in result.stdout and "Finished 8 steps" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once(synthetic_tree, tmp_path):
+    tree, _ = synthetic_tree
+    out = tmp_path / "aborted"
+    env = {**os.environ, "TQDM_DISABLE": "1", "CLEARML_CONFIG_FILE": str(tmp_path / "none.conf")}
+    command = [sys.executable, str(REPO / "train.py"), "--config", "demo", "--data_root", str(tree),
+               "--cache_dir", str(tmp_path / "cache"), "--crop_size", "96", "--max_train_steps", "400",
+               "--eval_steps", "0", "--checkpointing_steps", "0", "--logging_steps", "1", "--output_dir", str(out),
+               "--tracker", "none"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in process.stdout:
+        if "step 2/400" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("aborted (second Ctrl-C)")
+    assert "Traceback" not in stderr
+    assert not list_checkpoints(out)  # nothing saved: the user asked to leave at once

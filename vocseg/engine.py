@@ -100,7 +100,8 @@ class Run:
     progress: TrainProgress = None
     last_eval: dict | None = None
     last_saved_step: int = -1
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # --on_nonfinite skip
+    scaler_skips: int = 0  # fp16 steps skipped in a row by the gradient scaler
     window: dict = field(default_factory=dict)  # loss / samples since the last log line (device tensors)
     totals: dict = field(default_factory=dict)  # loss / samples / time of this session, for all_results.json
     mean: tuple = (0.0, 0.0, 0.0)  # the model's input normalisation
@@ -406,15 +407,33 @@ def train_micro_step(run: Run, batch: dict) -> None:
             # max_norm inf: the norm is measured (for the logs and divergence checks) without clipping.
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             window["grad_norm"] = grad_norm
-            if cfg.on_nonfinite == "skip" and not _finite(window["accumulated"], grad_norm):
-                skip_step(run)
-            else:
-                run.optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:  # fp16: an overflowing step moves no LR
-                    run.scheduler.step()
-                run.monitor.record(run.state.step + 1, window["accumulated"], grad_norm)
+            optimizer_step(run, window["accumulated"], grad_norm)
             run.optimizer.zero_grad(set_to_none=True)
             window["accumulated"] = 0
+
+
+def optimizer_step(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Step the weights and the schedule, unless the step is non-finite and is to be skipped.
+
+    fp16: the GradScaler already skips overflowing steps (and shrinks its scale); those are normal and move
+    no LR, but a scaler that skips max_nonfinite_steps steps in a row has diverged. Otherwise non-finite
+    steps are counted on the device (`stop`) or checked here with a host sync (`skip`).
+    """
+    accelerator, cfg = run.accelerator, run.cfg
+    if accelerator.scaler is None and cfg.on_nonfinite == "skip" and not _finite(loss, grad_norm):
+        skip_step(run)
+        return
+    run.optimizer.step()
+    if accelerator.optimizer_step_was_skipped:  # fp16 overflow (known only with a scaler: no extra sync)
+        run.scaler_skips += 1
+        if run.scaler_skips >= cfg.max_nonfinite_steps:
+            raise TrainingDiverged(f"fp16: the gradient scaler skipped {run.scaler_skips} steps in a row (to step "
+                                   f"{run.state.step + 1}); {last_good_checkpoint(run)}: lower the learning rate "
+                                   "or train in bf16")
+        return
+    run.scaler_skips = 0
+    run.scheduler.step()
+    run.monitor.record(run.state.step + 1, loss, grad_norm)
 
 
 def _finite(loss, grad_norm) -> bool:
