@@ -17,21 +17,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from vocseg.checkpoint import resolve_resume, save_checkpoint
-from vocseg.config import CONFIGS_DIR, TrainConfig, config_from_dict
+from vocseg.config import CONFIGS_DIR, TrainConfig, config_from_dict, global_batch_warning
 from vocseg.constants import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 from vocseg.data import load_split
 from vocseg.data.synthetic import make_synthetic_tree
 from vocseg.log import setup_logging
-from vocseg.data.transforms import (SegmentationTransform, build_eval_augment, build_train_augment, collate,
-                                    normalize_on_device, with_augmentation)
+from vocseg.data.transforms import SegmentationTransform, augments_for, collate, normalize_on_device, with_augmentation
+from vocseg.inference import logits_at_label_size, predict_logits
+from vocseg.losses import segmentation_loss
 from vocseg.metrics import batch_confusion_matrices, scores_from_matrix
 from vocseg.models import build_model, export_model
 from vocseg.optim import build_optimizer, build_scheduler
@@ -152,8 +153,7 @@ def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, image_mean, im
     if cfg.max_eval_samples:
         val_set = val_set.select(range(min(cfg.max_eval_samples, len(val_set))))
 
-    augment = build_train_augment(cfg.crop_size, (cfg.scale_min, cfg.scale_max), photometric=cfg.photometric,
-                                  mean=image_mean, std=image_std)
+    augment, eval_augment = augments_for(cfg, image_mean, image_std)
     train_transform = SegmentationTransform(augment, seed=cfg.seed)
     sampler = EpochShuffleSampler(len(train_set), cfg.seed)
     pin = accelerator.device.type == "cuda"
@@ -162,7 +162,7 @@ def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, image_mean, im
     train_loader = DataLoader(with_augmentation(train_set, train_transform), batch_size=cfg.per_device_train_batch_size,
                               sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
                               pin_memory=pin, generator=torch.Generator().manual_seed(cfg.seed))
-    val_loader = DataLoader(with_augmentation(val_set, build_eval_augment(image_mean, image_std)),
+    val_loader = DataLoader(with_augmentation(val_set, eval_augment),
                             batch_size=cfg.per_device_eval_batch_size, shuffle=False, collate_fn=collate,
                             num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(0))
     global_batch = cfg.per_device_train_batch_size * accelerator.num_processes
@@ -187,23 +187,6 @@ def total_train_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 # ----------------------------------------------------------------------------------------- steps
 
-def segmentation_loss(outputs: dict, labels: torch.Tensor, aux_weight: float) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy over labelled pixels (255 ignored), plus the weighted aux-head loss for DeepLab."""
-    def ce(logits):
-        # Sum / count instead of the mean: a crop made only of padding (all 255) gives 0, not NaN.
-        total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-    main = ce(outputs["logits"])
-    parts = {"loss_main": main.detach()}
-    loss = main
-    if "aux_logits" in outputs:
-        aux = ce(outputs["aux_logits"])
-        parts["loss_aux"] = aux.detach()
-        loss = main + aux_weight * aux
-    return loss, parts
-
-
 def prepare_inputs(batch: dict, model_mean, model_std, channels_last: bool) -> torch.Tensor:
     pixel_values = normalize_on_device(batch["pixel_values"], model_mean, model_std)
     return pixel_values.contiguous(memory_format=torch.channels_last) if channels_last else pixel_values
@@ -216,7 +199,9 @@ def evaluate(model, loader, accelerator: Accelerator, image_mean, image_std, cha
 
     One matrix per sample is gathered with `gather_for_metrics`, which drops the duplicate samples
     that even_batches pads the last batch with; summing per-rank matrices would count them twice.
-    `predict(pixel_values, output_size) -> logits` replaces the plain forward (e.g. sliding window / TTA).
+    `predict(pixel_values, output_size) -> logits at output_size` replaces the plain whole-image forward
+    (e.g. sliding window / TTA). Images resized by the eval protocol (fit / align) are scored at their
+    label's native size (vocseg.inference.logits_at_label_size).
     """
     was_training = model.training
     model.eval()
@@ -224,10 +209,8 @@ def evaluate(model, loader, accelerator: Accelerator, image_mean, image_std, cha
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         labels = batch["labels"]
         pixel_values = prepare_inputs(batch, image_mean, image_std, channels_last)
-        if predict is None:
-            logits = model(pixel_values, output_size=labels.shape[-2:])["logits"]
-        else:
-            logits = predict(pixel_values, labels.shape[-2:])
+        logits = logits_at_label_size(predict or (lambda images, size: predict_logits(model, images, output_size=size)),
+                                      pixel_values, batch)
         matrices = batch_confusion_matrices(logits.argmax(1), labels, NUM_CLASSES, IGNORE_INDEX)
         total += accelerator.gather_for_metrics(matrices).sum(0)
     model.train(was_training)
@@ -269,12 +252,17 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, project_dir=str(output_dir),
                               log_with=["tensorboard"] if cfg.tracker in ("tensorboard", "all") else None)
     configure_cpu_threads(accelerator.device.type == "cpu")
+    batch_warning = global_batch_warning(cfg, accelerator.num_processes)
+    if batch_warning:
+        logger.warning(batch_warning)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "config.yaml")
         reporter.artifact("config", cfg.to_dict())
     if accelerator.log_with:
-        accelerator.init_trackers(cfg.run_name, config={k: v for k, v in cfg.to_dict().items() if v is not None})
+        # TensorBoard's hparams take scalars and strings only: a list (resize_base) goes as its text.
+        accelerator.init_trackers(cfg.run_name, config={k: str(v) if isinstance(v, list) else v
+                                                        for k, v in cfg.to_dict().items() if v is not None})
     set_seed(cfg.seed)
 
     model = build_model(cfg)
@@ -282,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
         logger.warning(f"{cfg.model} starts from random weights: published recipe figures assume ImageNet "
                        "weights (--backbone_weights FILE for DeepLab, --pretrained DIR_OR_HUB_ID for SegFormer)")
     mean, std = model.image_mean, model.image_std
-    if cfg.sync_bn and accelerator.num_processes > 1 and model.family == "deeplab":
+    if cfg.sync_bn and accelerator.num_processes > 1:  # DeepLab's BNs, SegFormer's decode-head BN
         if accelerator.device.type == "cuda":  # torch's SyncBatchNorm has no CPU implementation
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
@@ -330,7 +318,7 @@ def train(cfg: TrainConfig) -> dict:
             with accelerator.accumulate(model):
                 outputs = model(prepare_inputs(batch, mean, std, cfg.channels_last),
                                 output_size=batch["labels"].shape[-2:])
-                loss, parts = segmentation_loss(outputs, batch["labels"], cfg.aux_weight)
+                loss, parts = segmentation_loss(outputs, batch["labels"], cfg.aux_weight, cfg.loss_average)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:  # max_norm inf: measure the norm for the logs without clipping
@@ -381,7 +369,8 @@ def train(cfg: TrainConfig) -> dict:
     results = {}
     if last_eval is not None and not interrupted:
         results = {**last_eval, "step": state.step, "epoch": state.epoch,
-                   "best_eval_mean_iou": state.best_eval_mean_iou, "best_step": state.best_step}
+                   "best_eval_mean_iou": state.best_eval_mean_iou, "best_step": state.best_step,
+                   "best_model_selected_on": cfg.val_split}
         if accelerator.is_main_process:
             (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
@@ -459,6 +448,8 @@ def debug_panels(model, val_view, count: int, mean, std, device) -> list[tuple[s
         pixels = example["pixel_values"][None].to(device)
         logits = model(normalize_on_device(pixels, mean, std), output_size=example["labels"].shape)["logits"]
         image = example["pixel_values"].permute(1, 2, 0).numpy()
+        if image.shape[:2] != tuple(example["labels"].shape):  # resized by the eval protocol: show it at label size
+            image = cv2.resize(image, tuple(example["labels"].shape)[::-1], interpolation=cv2.INTER_LINEAR)
         panels.append((example["id"], sample_panel(image, example["labels"].numpy(), logits[0].argmax(0).cpu().numpy())))
     model.train(was_training)
     return panels
