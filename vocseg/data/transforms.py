@@ -119,7 +119,7 @@ class RandomScaleCrop(A.DualTransform):
                 if self.crop_is_varied(self._scale_crop(mask, rows, cols, self.mask_interpolation, self.fill_mask)):
                     break
                 rows, cols = self._draw_crop(height, width, scaled)
-        return {"rows": rows, "cols": cols}
+        return {"rows": rows, "cols": cols, "scaled": scaled}  # scaled: for inspection, not used by apply
 
     def _scale_crop(self, array: np.ndarray, rows, cols, interpolation: int, fill) -> np.ndarray:
         (y0, y1, out_h, oy, nh), (x0, x1, out_w, ox, nw) = rows, cols
