@@ -395,3 +395,43 @@ def test_global_batch_warning_names_the_product():
     message = global_batch_warning(cfg, 1)
     assert "global batch 8" in message and "global_batch_size 16" in message and "\n" not in message
     assert global_batch_warning(TrainConfig(), 3) is None  # no recipe figure: nothing to compare
+
+
+# ------------------------------------------------------------------------------------- benchmark scripts
+
+
+def load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_augmentation_benchmark_smoke(capsys):
+    results = load_benchmark("augment_protocol").main(["--smoke"])
+    assert set(results) == {"native", "native + jitter", "fit", "fit + cat_max", "mmseg"}
+    assert all(figures["best"] > 0 for figures in results.values())
+    assert all(0 <= figures["ignored"] < 1 for figures in results.values())
+    assert "vs native" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_recipe_benchmark_smoke_on_cpu(capsys):
+    """The GPU script's --smoke mode: the real recipe code path on CPU at tiny sizes, one JSON line at the end."""
+    import json
+
+    returned = load_benchmark("gpu_recipe").main(["--smoke"])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = json.loads(last_line)
+    assert printed == json.loads(json.dumps(returned))
+    assert (printed["decode_head"], printed["resnet_stem"], printed["recipe"]) == ("mmseg", "deep",
+                                                                                 "deeplabv3_r101_voc_aug")
+    assert printed["train_steps_timed"] >= 1 and printed["train_img_per_s"] > 0 and printed["eval_fps"] > 0
+    assert math.isfinite(printed["loss_first"]) and "error" not in printed
+    protocol = ScaleProtocol.from_values(printed["eval_protocol"])
+    assert printed["eval_input_sizes"] == sorted(list(protocol.eval_size(h, w)) for h, w in
+                                                 ((375, 500), (500, 375), (333, 500)))
