@@ -372,6 +372,8 @@ def test_protocol_config_keys_parse_coerce_and_validate(tmp_path):
     cfg = parse_config(["--config", str(recipe), "--align", "32"])
     assert (cfg.photometric, cfg.resize_base, cfg.scale_convention, cfg.align) == ("jitter", [1024, 256], "fit", 32)
     assert parse_config(["--config", str(recipe), "--photometric", "false"]).photometric == "none"
+    assert parse_config(["--config", str(recipe), "--photometric", "--align", "1"]).photometric == "jitter"  # old flag
+    assert parse_config(["--config", str(recipe), "--photometric", "mmseg"]).photometric == "mmseg"
     assert parse_config(["--config", str(recipe), "--resize_base", "2048", "512"]).resize_base == [2048, 512]
     # ClearML hands edited values back as strings.
     cfg = config_from_dict({"resize_base": "[2048, 512]", "photometric": "True", "cat_max_ratio": "0.75",

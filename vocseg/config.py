@@ -272,6 +272,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         if name in hints and type(None) in typing.get_args(hints[name]) and argv[i + 1].lower() in ("none", "null"):
             recipe[name] = None
             del argv[i:i + 2]
+    for i, arg in enumerate(argv):  # a bare `--photometric`, as when it was a boolean flag, still means jitter
+        if arg == "--photometric" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "true")
     parser = HfArgumentParser(TrainConfig)
     parser.add_argument("--config", help="recipe YAML (configs/NAME.yaml or a path); CLI flags override it")
     parser.set_defaults(**recipe)
