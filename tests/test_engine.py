@@ -196,11 +196,78 @@ def test_config_cli_overrides_recipe_and_rejects_unknown_keys(tmp_path):
         parse_config(["--config", "demo", "--crop_size", "big"])
 
 
-@pytest.mark.parametrize("name", ["demo", "deeplabv3_r101_voc_aug", "segformer_b2_voc_aug",
-                                  "deeplabv3_r101_voc_sbd_ignite"])
+SHIPPED_RECIPES = ["demo", "deeplabv3_r101_voc_aug", "deeplabv3_r101_voc_aug_mmseg", "segformer_b2_voc_aug",
+                   "segformer_b2_voc_aug_mmseg", "deeplabv3_r101_voc_sbd_ignite"]
+
+
+@pytest.mark.parametrize("name", SHIPPED_RECIPES)
 def test_shipped_recipes_parse(name):
     cfg = parse_config(["--config", name])
     assert cfg.recipe == name
+
+
+def test_every_shipped_recipe_is_tested():
+    from vocseg.config import CONFIGS_DIR
+
+    assert sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")) == sorted(SHIPPED_RECIPES)
+
+
+def test_mmseg_control_recipes_are_mmseg_protocols():
+    # configs/_base_/datasets/pascal_voc12.py, models/deeplabv3_r50-d8.py, schedules/schedule_20k.py (mmseg 0.x)
+    cfg = parse_config(["--config", "deeplabv3_r101_voc_aug_mmseg"])
+    assert (cfg.model, cfg.decode_head, cfg.resnet_stem, cfg.aux_weight, cfg.sync_bn) == (
+        "deeplabv3_resnet101", "mmseg", "deep", 0.4, True)
+    assert (cfg.scale_convention, cfg.resize_base, cfg.align, cfg.scale_min, cfg.scale_max, cfg.crop_size) == (
+        "fit", [2048, 512], 1, 0.5, 2.0, 512)
+    assert (cfg.cat_max_ratio, cfg.photometric, cfg.pad_fill, cfg.loss_average) == (0.75, "mmseg", "mean", "all")
+    assert (cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.weight_decay, cfg.weight_decay_policy) == (
+        "sgd", 0.01, 0.9, 0.0005, "all")
+    assert (cfg.poly_power, cfg.min_learning_rate, cfg.max_train_steps, cfg.lr_warmup_steps) == (0.9, 1e-4, 20000, 0)
+    assert cfg.global_batch_size == 16 == cfg.per_device_train_batch_size * 4
+    segformer = parse_config(["--config", "segformer_b2_voc_aug_mmseg"])
+    assert (segformer.scale_convention, segformer.align, segformer.weight_decay_policy, segformer.head_lr_mult,
+            segformer.photometric, segformer.cat_max_ratio, segformer.loss_average) == (
+        "fit", 32, "no_norm_pos", 10.0, "mmseg", 0.75, "all")
+    # The project's best recipes change only what they document (each change is explained in the file).
+    best = parse_config(["--config", "deeplabv3_r101_voc_aug"])
+    differing = {k for k, v in best.to_dict().items() if v != cfg.to_dict()[k]} - {"recipe"}
+    assert differing == {"loss_average"}
+    best = parse_config(["--config", "segformer_b2_voc_aug"])
+    differing = {k for k, v in best.to_dict().items() if v != segformer.to_dict()[k]} - {"recipe"}
+    assert differing == {"loss_average"}
+
+
+def test_fit_protocol_run_records_its_protocol_and_evaluate_reuses_it(synthetic_tree, tmp_path, capsys):
+    tree, _ = synthetic_tree
+    out = tmp_path / "fit"
+    engine.train(tiny_config(tree, out, tmp_path / "cache", scale_convention="fit", resize_base=[96, 48], align=32,
+                             cat_max_ratio=0.75, photometric="mmseg", pad_fill="mean", loss_average="all",
+                             weight_decay_policy="no_norm_pos", max_train_steps=2, eval_steps=2,
+                             checkpointing_steps=2, max_eval_samples=2, crop_size=32, global_batch_size=16))
+    assert "differs from the recipe's global_batch_size 16" in capsys.readouterr().out
+    written = json.loads((out / "all_results.json").read_text())
+    assert written["best_model_selected_on"] == "val" and written["step"] == 2
+    meta = json.loads((out / "best_model" / "vocseg_model.json").read_text())
+    assert meta["eval_protocol"] == {"scale_convention": "fit", "resize_base": [96, 48], "align": 32}
+
+    from vocseg.cli.evaluate import main
+
+    def evaluate_cli(*flags):
+        result = tmp_path / f"scores{len(flags)}.json"
+        assert main(["--model", str(out / "best_model"), "--data_root", str(tree), "--cache_dir",
+                     str(tmp_path / "cache"), "--num_workers", "0", "--max_samples", "2", "--output", str(result),
+                     *flags]) == 0
+        return json.loads(result.read_text())
+
+    own = evaluate_cli()
+    assert own["protocol"] == meta["eval_protocol"]
+    assert own["mean_iou"] == written["best_eval_mean_iou"]  # the training run's evaluation, reproduced
+    native = evaluate_cli("--scale_convention", "native", "--align", "1")
+    assert native["protocol"]["scale_convention"] == "native"
+    # Scored at the labels' native size either way: the same labelled pixels are counted.
+    import numpy as np
+
+    assert np.sum(native["confusion_matrix"], axis=1).tolist() == np.sum(own["confusion_matrix"], axis=1).tolist()
 
 
 def test_default_recipe_follows_dataset_path(monkeypatch):

@@ -140,8 +140,13 @@ def test_export_of_a_deeplab_checkpoint_reloads(tmp_path):
 
 
 def test_export_errors_are_explained(run, tmp_path, monkeypatch, capsys):
-    assert export_cli.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1
+    assert export_cli.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "not a training checkpoint folder" in capsys.readouterr().err
+    exported = tmp_path / "exported"
+    checkpoint, _, _ = run
+    assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(exported)]) == 0
+    assert export_cli.main(["--checkpoint", str(exported), "--out", str(tmp_path / "again")]) == 2  # an export
+    assert "is already an exported model" in capsys.readouterr().err
 
     # Offline: the local export is written, the push fails with a message (and never touches the network).
     import huggingface_hub.constants
@@ -158,3 +163,28 @@ def test_export_errors_are_explained(run, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "someone/vocseg-test" in err and "HF_HUB_OFFLINE" in err
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_predict_applies_the_models_fit_protocol(run, tmp_path):
+    """A model trained with `fit`: predict resizes the image as mmseg's test does, writes masks at the image's size."""
+    from vocseg.data.transforms import resize_to_protocol
+    from vocseg.models import export_model
+    from vocseg.protocol import ScaleProtocol
+
+    _, trained, _ = run
+    trained.protocol = ScaleProtocol("fit", (200, 50), align=32)
+    export_model(trained, tmp_path / "fit_model")
+    trained.protocol = ScaleProtocol()
+    path = save(tmp_path / "in" / "a.png", image(60, 90, 3))
+    assert predict_cli.main([str(path), "--model", str(tmp_path / "fit_model"), "--out", str(tmp_path / "out")]) == 0
+    written = np.array(Image.open(tmp_path / "out" / "a.png"))
+    assert written.shape == (60, 90)  # the image's own size, whatever size it was predicted at
+    fitted = resize_to_protocol(decode_image(path.read_bytes()), ScaleProtocol("fit", (200, 50), align=32))
+    assert fitted.shape[:2] == (64, 96)  # 60x90 fitted into 200x50 -> 50x75, aligned up to 32
+    pixels = torch.from_numpy(fitted).permute(2, 0, 1)[None]
+    logits = predict_logits(trained.eval(), normalize_on_device(pixels), output_size=(60, 90))[0]
+    assert_same_classes(written, logits)
+    # --scale_convention native overrides the model's protocol: then it predicts at the stored size.
+    assert predict_cli.main([str(path), "--model", str(tmp_path / "fit_model"), "--out", str(tmp_path / "native"),
+                             "--scale_convention", "native", "--align", "1"]) == 0
+    assert_same_classes(np.array(Image.open(tmp_path / "native" / "a.png")), model_logits(trained, path))

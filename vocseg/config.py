@@ -8,6 +8,7 @@ Each field's help text starts with its section, which groups it for ClearML (Gen
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -28,7 +29,14 @@ REAL_DATA_RECIPE = CONFIGS_DIR / "deeplabv3_r101_voc_aug.yaml"
 
 def _f(default, section: str, help: str):
     # HfArgumentParser passes metadata on to argparse, so the section lives in the help text only.
+    if isinstance(default, list):  # a mutable default needs a factory
+        return field(default_factory=lambda: list(default), metadata={"help": f"[{section}] {help}"})
     return field(default=default, metadata={"help": f"[{section}] {help}"})
+
+
+PHOTOMETRIC_MODES = ("none", "jitter", "mmseg")
+# Recipes, configs and ClearML values written before `photometric` took a mode held a boolean.
+_PHOTOMETRIC_BOOLEANS = {"true": "jitter", "1": "jitter", "yes": "jitter", "false": "none", "0": "none", "no": "none"}
 
 
 @dataclass
@@ -73,10 +81,24 @@ class TrainConfig:
     cache_dir: str | None = _f(None, "Data", "Arrow cache (default: ~/.cache/vocseg/datasets)")
     bad_samples: Literal["error", "skip"] = _f("error", "Data", "stop at a bad sample, or skip and report it")
     crop_size: int = _f(512, "Data", "square training crop")
-    scale_min: float = _f(0.5, "Data", "random scale range, lower end")
+    scale_min: float = _f(0.5, "Data", "random scale range, lower end (a ratio of the native or the fitted size)")
     scale_max: float = _f(2.0, "Data", "random scale range, upper end")
-    photometric: bool = _f(False, "Data", "colour jitter during training")
+    scale_convention: Literal["native", "fit"] = _f(
+        "native", "Data", "native: scales are of the stored image; fit: mmseg's, the image is first fitted into "
+        "resize_base keeping its ratio (training scales, evaluation and ms ratios are of that fitted size)")
+    resize_base: list[int] = _f([2048, 512], "Data", "fit box [long, short] for scale_convention fit "
+                                "(mmseg's VOC/ADE20K: 2048 512)")
+    align: int = _f(1, "Data", "round the evaluation size up to a multiple of this (32: SegFormer's AlignedResize; "
+                    "1: none)")
+    cat_max_ratio: float = _f(1.0, "Data", "redraw a crop (up to 10 times) while one class covers >= this share of "
+                              "its labelled pixels, as mmseg's RandomCrop (0.75 in its recipes; 1.0: off)")
+    photometric: str = _f("none", "Data", "none, jitter (ColorJitter) or mmseg (PhotoMetricDistortion, before "
+                          "padding); true/false are read as jitter/none")
+    pad_fill: Literal["zero", "mean"] = _f("zero", "Data", "image padding of crops larger than the scaled image: "
+                                           "zero (black) or mean (the mean colour, 0 after normalising, as mmseg)")
     per_device_train_batch_size: int = _f(8, "Data", "train batch per process")
+    global_batch_size: int | None = _f(None, "Data", "the global batch the recipe was tuned for; a warning when "
+                                       "per_device_train_batch_size x processes x accumulation differs")
     per_device_eval_batch_size: int = _f(1, "Data", "eval batch per process (1: native sizes, no padding)")
     num_workers: int = _f(4, "Data", "DataLoader workers per process")
     max_eval_samples: int | None = _f(None, "Data", "score only the first N val samples (quick checks)")
@@ -89,14 +111,26 @@ class TrainConfig:
     backbone_weights: str | None = _f(None, "Model", "local file of ImageNet backbone weights")
     aux_loss: bool | None = _f(None, "Model", "DeepLab auxiliary head (default: on)")
     aux_weight: float = _f(0.4, "Model", "weight of the auxiliary loss")
-    sync_bn: bool = _f(False, "Model", "SyncBatchNorm for DeepLab under multi-process training")
+    decode_head: Literal["torchvision", "mmseg"] = _f(
+        "torchvision", "Model", "DeepLab heads: torchvision's (ASPP 256) or mmseg's (ASPPHead 512, dilations 1 12 24 "
+        "36, FCNHead aux; trained from scratch)")
+    resnet_stem: Literal["plain", "deep"] = _f(
+        "plain", "Model", "DeepLab-ResNet stem: plain (7x7, torchvision weights) or deep (ResNetV1c: three 3x3 convs, "
+        "mmseg's open-mmlab resnet*_v1c weights)")
+    sync_bn: bool = _f(False, "Model", "SyncBatchNorm under multi-process CUDA training (DeepLab, SegFormer's head)")
     channels_last: bool = _f(False, "Model", "channels_last memory format")
     torch_compile: bool = _f(False, "Model", "torch.compile the model")
     # Optim
     optimizer: Literal["sgd", "adamw"] = _f("sgd", "Optim", "optimiser")
     learning_rate: float = _f(0.01, "Optim", "peak learning rate (backbone)")
     head_lr_mult: float = _f(1.0, "Optim", "learning-rate multiplier for the decode head")
-    weight_decay: float = _f(5e-4, "Optim", "weight decay (not applied to norms and biases)")
+    weight_decay: float = _f(5e-4, "Optim", "weight decay (see weight_decay_policy)")
+    weight_decay_policy: Literal["all", "no_norm_bias", "no_norm_pos"] = _f(
+        "no_norm_bias", "Optim", "what is decayed: all (mmseg's DeepLab), no_norm_bias (norms and biases exempt), "
+        "no_norm_pos (SegFormer's: encoder norms and pos_block exempt)")
+    loss_average: Literal["labelled", "all"] = _f(
+        "labelled", "Optim", "cross-entropy averaged over labelled pixels, or over all pixels (255 ones count "
+        "in the denominator, as mmseg 0.x's default avg_non_ignore=False)")
     momentum: float = _f(0.9, "Optim", "SGD momentum")
     adam_beta1: float = _f(0.9, "Optim", "AdamW beta1")
     adam_beta2: float = _f(0.999, "Optim", "AdamW beta2")
@@ -109,6 +143,11 @@ class TrainConfig:
                                                "(nothing is saved from it), or skip that step (one host sync per "
                                                "step; for fp16) and stop after max_nonfinite_steps")
     max_nonfinite_steps: int = _f(10, "Optim", "with on_nonfinite skip: give up after this many skipped steps")
+
+    def __post_init__(self):
+        self.photometric = _photometric_mode(self.photometric)
+        self.resize_base = parse_int_list(self.resize_base, "resize_base")
+        check_choices(self)
 
     def sections(self) -> dict[str, dict]:
         """The config grouped as ClearML hyperparameter sections."""
@@ -135,6 +174,56 @@ def section_of(name: str) -> str:
 
 class ConfigError(UsageError):
     """A bad recipe, flag or value; the message names the key."""
+
+
+def _photometric_mode(value) -> str:
+    """none / jitter / mmseg; the booleans older recipes and ClearML tasks hold map to jitter / none."""
+    if isinstance(value, bool):
+        return "jitter" if value else "none"
+    text = str(value).strip().lower()
+    mode = _PHOTOMETRIC_BOOLEANS.get(text, text)
+    if mode not in PHOTOMETRIC_MODES:
+        raise ConfigError(f"config key photometric: {value!r} is not one of {', '.join(PHOTOMETRIC_MODES)} "
+                          "(or true/false)")
+    return mode
+
+
+def parse_int_list(value, name: str) -> list[int]:
+    """[2048, 512] from a list, a tuple, or the strings ClearML and shells hand back: '[2048, 512]', '2048,512', '2048 512'."""
+    items = value
+    if isinstance(value, str):
+        items = value.strip().strip("[]()").replace(",", " ").split()
+    try:
+        numbers = [float(v) for v in items]
+        if not all(n.is_integer() for n in numbers):
+            raise ValueError(value)
+        return [int(n) for n in numbers]
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name}: {value!r} is not a list of whole numbers") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _literal_choices() -> dict[str, tuple]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is Literal}
+
+
+def check_choices(cfg: TrainConfig) -> None:
+    """Literal-typed keys hold one of their choices (checked whenever a config is built)."""
+    for name, choices in _literal_choices().items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"config key {name}: {getattr(cfg, name)!r} is not one of {', '.join(choices)}")
+
+
+def global_batch_warning(cfg: TrainConfig, num_processes: int) -> str | None:
+    """A sentence when the run's global batch differs from the recipe's `global_batch_size`, else None."""
+    actual = cfg.per_device_train_batch_size * num_processes * cfg.gradient_accumulation_steps
+    if cfg.global_batch_size is None or actual == cfg.global_batch_size:
+        return None
+    return (f"global batch {actual} (per_device_train_batch_size {cfg.per_device_train_batch_size} x "
+            f"{num_processes} process(es) x gradient_accumulation_steps {cfg.gradient_accumulation_steps}) differs "
+            f"from the recipe's global_batch_size {cfg.global_batch_size}: its learning rate and schedule were "
+            "tuned for that batch")
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -258,6 +347,9 @@ def parse_args(argv: list[str] | None = None) -> ParsedArgs:
         if name in hints and type(None) in typing.get_args(hints[name]) and argv[i + 1].lower() in ("none", "null"):
             base[name] = None
             del argv[i:i + 2]
+    for i, arg in enumerate(argv):  # a bare `--photometric`, as when it was a boolean flag, still means jitter
+        if arg == "--photometric" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "true")
     parser = HfArgumentParser(TrainConfig)
     parser.add_argument("--config", help="recipe YAML (configs/NAME.yaml or a path); CLI flags override it")
 
@@ -315,6 +407,16 @@ def validate_config(cfg: "TrainConfig") -> None:
          "a finite number > 0 (or none)")
     need(finite(cfg.scale_min) and cfg.scale_min > 0, "scale_min", "a finite number > 0")
     need(finite(cfg.scale_max) and cfg.scale_max >= cfg.scale_min, "scale_max", f">= scale_min ({cfg.scale_min})")
+    need(len(cfg.resize_base) == 2 and min(cfg.resize_base) >= 1, "resize_base", "two positive sizes [long, short]")
+    need(cfg.align >= 1, "align", "a whole number >= 1 (1 = no alignment)")
+    need(finite(cfg.cat_max_ratio) and 0 < cfg.cat_max_ratio <= 1, "cat_max_ratio", "a number in (0, 1] (1 = off)")
+    need(cfg.global_batch_size is None or cfg.global_batch_size >= 1, "global_batch_size", "a whole number >= 1 "
+         "(or none)")
+    need(cfg.decode_head != "mmseg" or cfg.model.startswith("deeplabv3_"), "decode_head",
+         f"torchvision for {cfg.model} (mmseg heads are for the DeepLabV3 models)")
+    need(cfg.resnet_stem != "deep" or cfg.model in ("deeplabv3_resnet50", "deeplabv3_resnet101"), "resnet_stem",
+         f"plain for {cfg.model} (the deep stem is for deeplabv3_resnet50/101)")
+    check_choices(cfg)
     if cfg.max_train_steps is not None:
         check_warmup(cfg.lr_warmup_steps, cfg.max_train_steps)
 
@@ -345,6 +447,8 @@ def coerce_value(annotation, value, name: str = ""):
             raise ConfigError(f"config key {name} may not be empty")
         return None
     base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if typing.get_origin(base) is list:
+        return parse_int_list(value, name)
     if typing.get_origin(base) is Literal:
         if str(value) not in base.__args__:
             raise ConfigError(f"config key {name}: {value!r} is not one of {', '.join(base.__args__)}")

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
@@ -26,16 +27,17 @@ from accelerate.utils import gather_object, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 
 from vocseg.checkpoint import RUN_CONFIG_FILE, list_checkpoints, save_checkpoint
-from vocseg.config import CONFIGS_DIR, TrainConfig, check_warmup, config_from_dict, validate_config
+from vocseg.config import CONFIGS_DIR, TrainConfig, check_warmup, config_from_dict, global_batch_warning, validate_config
 from vocseg.constants import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 from vocseg.control import NonFiniteMonitor, StopAgreement, StopRequest
 from vocseg.data import load_split
 from vocseg.data.sources import check_split_available
 from vocseg.data.synthetic import make_synthetic_tree
-from vocseg.data.transforms import (SegmentationTransform, build_eval_augment, build_train_augment, collate,
-                                    normalize_on_device, with_augmentation)
+from vocseg.data.transforms import SegmentationTransform, augments_for, collate, normalize_on_device, with_augmentation
 from vocseg.errors import EvaluationFailed, TrainingDiverged, UsageError
+from vocseg.inference import logits_at_label_size, predict_logits
 from vocseg.log import setup_logging
+from vocseg.losses import segmentation_loss
 from vocseg.metrics import batch_confusion_matrices, scores_from_matrix
 from vocseg.models import build_model, export_model
 from vocseg.optim import build_optimizer, build_scheduler
@@ -236,15 +238,13 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator):
     return train_set, val_set
 
 
-def build_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set, mean, std):
+def build_train_loader(cfg: TrainConfig, accelerator: Accelerator, train_set, augment):
     global_batch = cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     if len(train_set) < global_batch:
         raise UsageError(f"train split {cfg.train_split} has {len(train_set)} samples, fewer than one global batch "
                          f"({global_batch} = {cfg.per_device_train_batch_size} per device x {accelerator.num_processes}"
                          f" process(es) x {cfg.gradient_accumulation_steps} accumulation): lower "
                          "per_device_train_batch_size")
-    augment = build_train_augment(cfg.crop_size, (cfg.scale_min, cfg.scale_max), photometric=cfg.photometric,
-                                  mean=mean, std=std)
     transform = SegmentationTransform(augment, seed=cfg.seed)
     sampler = EpochShuffleSampler(len(train_set), cfg.seed, global_batch)
     # Own generator: building a loader iterator must not draw from the global torch RNG, which also drives
@@ -275,6 +275,9 @@ def build_run(cfg: TrainConfig, clearml: Reporter, claim: Claim) -> Run:
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, project_dir=str(output_dir))
     configure_cpu_threads(accelerator.device.type == "cpu")
+    batch_warning = global_batch_warning(cfg, accelerator.num_processes)
+    if batch_warning:
+        logger.warning(batch_warning)
     set_seed(cfg.seed)
 
     model = build_model(cfg)
@@ -282,7 +285,7 @@ def build_run(cfg: TrainConfig, clearml: Reporter, claim: Claim) -> Run:
         logger.warning(f"{cfg.model} starts from random weights: published recipe figures assume ImageNet "
                        "weights (--backbone_weights FILE for DeepLab, --pretrained DIR_OR_HUB_ID for SegFormer)")
     mean, std = model.image_mean, model.image_std
-    if cfg.sync_bn and accelerator.num_processes > 1 and model.family == "deeplab":
+    if cfg.sync_bn and accelerator.num_processes > 1:  # DeepLab's BatchNorms, SegFormer's decode-head one
         if accelerator.device.type == "cuda":  # torch's SyncBatchNorm has no CPU implementation
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
@@ -290,8 +293,9 @@ def build_run(cfg: TrainConfig, clearml: Reporter, claim: Claim) -> Run:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_set, val_set = build_datasets(cfg, accelerator)
-    train_loader, sampler, transform = build_train_loader(cfg, accelerator, train_set, mean, std)
-    val_view = with_augmentation(val_set, build_eval_augment(mean, std))
+    train_augment, eval_augment = augments_for(cfg, mean, std)  # the scale protocol (native / fit), crops, colour
+    train_loader, sampler, transform = build_train_loader(cfg, accelerator, train_set, train_augment)
+    val_view = with_augmentation(val_set, eval_augment)
     optimizer = build_optimizer(cfg, model)
     if cfg.torch_compile:
         model = torch.compile(model)
@@ -369,23 +373,6 @@ def configure_cpu_threads(accelerator_cpu: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------------- steps
 
-def segmentation_loss(outputs: dict, labels: torch.Tensor, aux_weight: float) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy over labelled pixels (255 ignored), plus the weighted aux-head loss for DeepLab."""
-    def ce(logits):
-        # Sum / count instead of the mean: a crop made only of padding (all 255) gives 0, not NaN.
-        total = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-    main = ce(outputs["logits"])
-    parts = {"loss_main": main.detach()}
-    loss = main
-    if "aux_logits" in outputs:
-        aux = ce(outputs["aux_logits"])
-        parts["loss_aux"] = aux.detach()
-        loss = main + aux_weight * aux
-    return loss, parts
-
-
 def prepare_inputs(batch: dict, model_mean, model_std, channels_last: bool) -> torch.Tensor:
     pixel_values = normalize_on_device(batch["pixel_values"], model_mean, model_std)
     return pixel_values.contiguous(memory_format=torch.channels_last) if channels_last else pixel_values
@@ -397,7 +384,7 @@ def train_micro_step(run: Run, batch: dict) -> None:
     with accelerator.accumulate(model):
         outputs = model(prepare_inputs(batch, run.mean, run.std, cfg.channels_last),
                         output_size=batch["labels"].shape[-2:])
-        loss, parts = segmentation_loss(outputs, batch["labels"], cfg.aux_weight)
+        loss, parts = segmentation_loss(outputs, batch["labels"], cfg.aux_weight, cfg.loss_average)
         accelerator.backward(loss)
         window = run.window
         window["loss"] = window.get("loss", 0) + loss.detach()  # tensors: .item() would sync every step
@@ -604,19 +591,16 @@ def eval_loader(dataset, accelerator, options: EvalOptions) -> DataLoader:
                       pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(0))
 
 
-def forward_for_eval(model, pixel_values, label_size, options: EvalOptions) -> torch.Tensor:
-    """Logits at the label's size; images over max_eval_size are run smaller (scored at native size still)."""
+def forward_for_eval(model, pixel_values, batch: dict, options: EvalOptions) -> torch.Tensor:
+    """Logits at each label's size; images over max_eval_size run smaller (still scored at native size)."""
     longest = max(pixel_values.shape[-2:])
     if options.max_eval_size and longest > options.max_eval_size:
         scale = options.max_eval_size / longest
         size = [max(1, round(side * scale)) for side in pixel_values.shape[-2:]]
         pixel_values = torch.nn.functional.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
-    if options.predict is not None:
-        logits = options.predict(pixel_values, label_size)
-        if tuple(logits.shape[-2:]) != tuple(label_size):
-            logits = torch.nn.functional.interpolate(logits, size=label_size, mode="bilinear", align_corners=False)
-        return logits
-    return model(pixel_values, output_size=label_size)["logits"]
+        batch = {**batch, "image_sizes": [tuple(size)] * len(batch["ids"])}  # batches hold one size (eval_batches)
+    forward = options.predict or (lambda images, output_size: predict_logits(model, images, output_size=output_size))
+    return logits_at_label_size(forward, pixel_values, batch)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -649,7 +633,7 @@ def evaluate(model, dataset, accelerator: Accelerator, options: EvalOptions | No
             pixel_values = prepare_inputs({"pixel_values": batch["pixel_values"].to(accelerator.device)},
                                           model.image_mean, model.image_std, channels_last)
             try:
-                logits = forward_for_eval(model, pixel_values, labels.shape[-2:], options)
+                logits = forward_for_eval(model, pixel_values, batch, options)
             except (RuntimeError, MemoryError) as error:
                 if not _is_out_of_memory(error):
                     raise
@@ -748,6 +732,8 @@ def debug_panels(model, val_view, count: int, device) -> list:
         logits = model(normalize_on_device(pixels, model.image_mean, model.image_std),
                        output_size=example["labels"].shape)["logits"]
         image = example["pixel_values"].permute(1, 2, 0).numpy()
+        if image.shape[:2] != tuple(example["labels"].shape):  # resized by the eval protocol: show it at label size
+            image = cv2.resize(image, tuple(example["labels"].shape)[::-1], interpolation=cv2.INTER_LINEAR)
         panels.append((example["id"], sample_panel(image, example["labels"].numpy(), logits[0].argmax(0).cpu().numpy())))
     model.train(was_training)
     return panels

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from vocseg.models import META_FILE, WEIGHTS_FILE, SegmentationModel, _load_strict, build_model, load_model
+from vocseg.protocol import aligned
 
 MODES = ("whole", "slide")
+# Run-config keys that decide what a checkpoint's model is and how it is scored.
+ARCHITECTURE_KEYS = ("model", "aux_loss", "decode_head", "resnet_stem", "scale_convention", "resize_base", "align")
 
 
 def _check_window(crop_size: int, stride: int) -> None:
@@ -56,14 +59,14 @@ def _slide(model, pixel_values: torch.Tensor, crop_size: int, stride: int) -> to
     return total / count
 
 
-def _views(model, pixel_values, mode, crop_size, stride, scales, flip):
-    """Logits of each (scale, flip) view, back at the input size and orientation."""
-    size = tuple(pixel_values.shape[-2:])
+def _views(model, pixel_values, mode, crop_size, stride, scales, flip, output_size=None, align=1):
+    """Logits of each (scale, flip) view, at `output_size` (default: the input size) and the input's orientation."""
+    size = tuple(output_size) if output_size is not None else tuple(pixel_values.shape[-2:])
     for scale in scales:
         image = pixel_values
         if scale != 1.0:
-            # mmcv's rescale rounds half up: int(x * scale + 0.5).
-            scaled = tuple(max(1, int(side * scale + 0.5)) for side in size)
+            # mmcv's rescale rounds half up: int(x * scale + 0.5); AlignedResize then rounds up to `align`.
+            scaled = tuple(aligned(max(1, int(side * scale + 0.5)), align) for side in pixel_values.shape[-2:])
             image = F.interpolate(pixel_values, size=scaled, mode="bilinear", align_corners=False)
         for flipped in (False, True) if flip else (False,):
             view = image.flip(-1) if flipped else image
@@ -79,8 +82,12 @@ def _views(model, pixel_values, mode, crop_size, stride, scales, flip):
 
 @torch.no_grad()
 def predict_logits(model, pixel_values: torch.Tensor, mode: str = "whole", crop_size: int = 512, stride: int = 341,
-                   scales=(1.0,), flip: bool = False) -> torch.Tensor:
-    """Logits [B, C, H, W] at the size of `pixel_values` (normalised [B, 3, H, W]).
+                   scales=(1.0,), flip: bool = False, output_size=None, align: int = 1) -> torch.Tensor:
+    """Logits [B, C, H, W] at `output_size` (default: the size of `pixel_values`, normalised [B, 3, H, W]).
+
+    Each view's logits are resized straight to `output_size`, as mmseg resizes every view to the original
+    image (so a fit-protocol input is scored at its label's native size with one resize). `align` rounds
+    each scaled view up to a multiple of it (SegFormer's AlignedResize in its multi-scale test).
 
     mode "whole" runs the image in one pass; "slide" runs `crop_size` windows every `stride` pixels
     (`sliding_windows`) and averages the logits where windows overlap; along a side shorter than the window,
@@ -98,7 +105,7 @@ def predict_logits(model, pixel_values: torch.Tensor, mode: str = "whole", crop_
         raise ValueError(f"scales must be positive numbers, got {scales}")
     if mode == "slide":
         _check_window(crop_size, stride)  # before any compute
-    views = _views(model, pixel_values, mode, crop_size, stride, scales, flip)
+    views = _views(model, pixel_values, mode, crop_size, stride, scales, flip, output_size, align)
     num_views = len(scales) * (2 if flip else 1)
     if num_views == 1:
         return next(views)
@@ -109,6 +116,29 @@ def predict_logits(model, pixel_values: torch.Tensor, mode: str = "whole", crop_
         log_probs = logits.float().log_softmax(1)
         total = log_probs if total is None else torch.logaddexp(total, log_probs)
     return total - math.log(num_views)
+
+
+def logits_at_label_size(forward, pixel_values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Logits [B, C, H, W] at the batch's (padded) label size, each sample's mapped onto its own label.
+
+    `forward(pixel_values, output_size) -> logits at output_size`, e.g. `predict_logits(model, ...,
+    output_size=...)`, which resizes the model's logits to the input size and then to `output_size`, as
+    mmseg's whole_inference (encode_decode, then resize to ori_shape) does. When every image has its
+    label's size (native protocol), or the batch is one sample, the forward goes straight to the label
+    size. Otherwise (fit protocol, padded batch of several) each sample's logits are cut to its own image
+    size and resized to its own label size: resizing the padded batch as a whole would stretch the padding
+    into the picture.
+    """
+    label_shape = tuple(batch["labels"].shape[-2:])
+    image_sizes, label_sizes = batch.get("image_sizes"), batch.get("label_sizes")
+    if image_sizes is None or len(image_sizes) == 1 or list(image_sizes) == list(label_sizes):
+        return forward(pixel_values, label_shape)
+    logits = forward(pixel_values, tuple(pixel_values.shape[-2:]))
+    out = logits.new_zeros(*logits.shape[:2], *label_shape)  # the rest is padding, labelled 255: never scored
+    for i, ((h, w), (label_h, label_w)) in enumerate(zip(image_sizes, label_sizes)):
+        out[i, :, :label_h, :label_w] = F.interpolate(logits[i:i + 1, :, :h, :w], size=(label_h, label_w),
+                                                      mode="bilinear", align_corners=False)[0]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -138,9 +168,9 @@ def load_checkpoint(path) -> tuple[SegmentationModel, dict]:
         raise FileNotFoundError(f"{path} looks like a checkpoint, but its run config {config_file} is missing "
                                 "(expected outputs/RUN/config.yaml above outputs/RUN/checkpoints/step_N)")
     config = yaml.safe_load(config_file.read_text()) or {}
-    # Architecture only: every weight comes from the checkpoint, so `pretrained` / `backbone_weights` (local
-    # files or Hub ids this machine may not have) are deliberately not loaded.
-    model = build_model(SimpleNamespace(model=config.get("model"), aux_loss=config.get("aux_loss")))
+    # Architecture (and scale protocol) only: every weight comes from the checkpoint, so `pretrained` /
+    # `backbone_weights` (local files or Hub ids this machine may not have) are deliberately not loaded.
+    model = build_model(SimpleNamespace(**{key: config.get(key) for key in ARCHITECTURE_KEYS}))
     state = {_strip_wrappers(k): v for k, v in load_file(str(weights)).items()}
     _load_strict(model, state, weights)
     return model.eval(), config

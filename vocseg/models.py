@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import socket
@@ -24,7 +25,11 @@ from torch import nn
 
 from vocseg.constants import ID2LABEL, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, LABEL2ID, NUM_CLASSES
 from vocseg.errors import UsageError
+from vocseg.mmseg_heads import ASPPHead, FCNHead, deep_stem_backbone
 from vocseg.model_card import model_card
+from vocseg.protocol import ScaleProtocol
+
+logger = logging.getLogger("vocseg")
 
 # Published Mix-Transformer sizes (SegFormer paper, Table 6; the nvidia/mit-bX configs):
 # (hidden_sizes, depths, decoder_hidden_size). Heads [1, 2, 5, 8], sr_ratios [8, 4, 2, 1] and MLP ratio 4
@@ -39,6 +44,8 @@ SEGFORMER_SIZES = {
 }
 DEEPLAB_NAMES = ("deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large")
 MODEL_NAMES = (*SEGFORMER_SIZES, *DEEPLAB_NAMES)
+DECODE_HEADS = ("torchvision", "mmseg")
+RESNET_STEMS = ("plain", "deep")
 
 META_FILE = "vocseg_model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -57,6 +64,10 @@ class SegmentationModel(nn.Module):
         self.num_classes = NUM_CLASSES
         self.image_mean = IMAGENET_MEAN
         self.image_std = IMAGENET_STD
+        self.decode_head = "torchvision" if self.family == "deeplab" else "segformer"
+        self.resnet_stem = "plain"
+        # How the model was trained and is scored (vocseg.protocol); saved with every export.
+        self.protocol = ScaleProtocol()
 
     @property
     def min_input_size(self) -> int:
@@ -94,7 +105,8 @@ def head_parameter_names(model: SegmentationModel) -> set[str]:
 
 
 def build_model(cfg) -> SegmentationModel:
-    """Build `cfg.model` with 21 VOC classes; optional `pretrained`, `backbone_weights`, `aux_loss` attributes."""
+    """Build `cfg.model` with 21 VOC classes; optional `pretrained`, `backbone_weights`, `aux_loss`, `decode_head`,
+    `resnet_stem` and scale-protocol (`scale_convention`, `resize_base`, `align`) attributes."""
     name = getattr(cfg, "model", None)
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
@@ -104,18 +116,61 @@ def build_model(cfg) -> SegmentationModel:
         model = SegmentationModel(name, _build_segformer(name, pretrained))
         if backbone_weights:
             _load_segformer_encoder(model.inner, backbone_weights)
-        return model
+    else:
+        aux_loss = getattr(cfg, "aux_loss", None)
+        model = _build_deeplab_model(name, True if aux_loss is None else bool(aux_loss),
+                                     getattr(cfg, "decode_head", None) or "torchvision",
+                                     getattr(cfg, "resnet_stem", None) or "plain")
+        if backbone_weights:
+            _load_deeplab_backbone(model.inner, name, backbone_weights)
+        if pretrained:
+            path = Path(pretrained)
+            _load_strict(model.inner, _read_state_dict(path / WEIGHTS_FILE if path.is_dir() else path), path,
+                         # Full-model checkpoints (e.g. torchvision's COCO-VOC ones) carry an aux head; a model
+                         # built without one just does not need it.
+                         ignore_prefixes=() if model.has_aux else ("aux_classifier.",))
+    model.protocol = ScaleProtocol.from_values(cfg)
+    counts = parameter_counts(model)
+    logger.info(f"model {name}: {counts['total'] / 1e6:.2f}M parameters (backbone {counts['backbone'] / 1e6:.2f}M, "
+                f"decode head {counts['decode_head'] / 1e6:.2f}M, aux head {counts['aux_head'] / 1e6:.2f}M)")
+    return model
 
-    aux_loss = getattr(cfg, "aux_loss", None)
-    model = SegmentationModel(name, _build_deeplab(name, True if aux_loss is None else bool(aux_loss)))
-    if backbone_weights:
-        _load_deeplab_backbone(model.inner, name, backbone_weights)
-    if pretrained:
-        path = Path(pretrained)
-        _load_strict(model.inner, _read_state_dict(path / WEIGHTS_FILE if path.is_dir() else path), path,
-                     # Full-model checkpoints (e.g. torchvision's COCO-VOC ones) carry an aux head; a model
-                     # built without one just does not need it.
-                     ignore_prefixes=() if model.has_aux else ("aux_classifier.",))
+
+def parameter_counts(model: SegmentationModel) -> dict[str, int]:
+    """Parameters of the backbone, the decode head, the aux head (0 if none) and in total."""
+    def count(module):
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    if model.family == "segformer":
+        heads = {"decode_head": count(model.inner.decode_head), "aux_head": 0}
+    else:
+        heads = {"decode_head": count(model.inner.classifier), "aux_head": count(model.inner.aux_classifier)}
+    total = count(model)
+    return {"backbone": total - heads["decode_head"] - heads["aux_head"], **heads, "total": total}
+
+
+def _build_deeplab_model(name: str, aux_loss: bool, decode_head: str, resnet_stem: str) -> SegmentationModel:
+    """torchvision's DeepLabV3, optionally with mmseg's heads (ASPPHead / FCNHead) and the ResNetV1c deep stem.
+
+    torchvision's deeplabv3_resnet50/101 already is mmseg's "d8" backbone: strides (1, 2, 1, 1), dilations
+    (1, 1, 2, 4) with the first block of layer3/layer4 at half the dilation (mmseg's contract_dilation=True,
+    mmseg/models/utils/res_layer.py), no multi-grid, aux head on layer3 (1024 channels).
+    """
+    if decode_head not in DECODE_HEADS:
+        raise ValueError(f"decode_head must be one of {', '.join(DECODE_HEADS)}, got {decode_head!r}")
+    if resnet_stem not in RESNET_STEMS:
+        raise ValueError(f"resnet_stem must be one of {', '.join(RESNET_STEMS)}, got {resnet_stem!r}")
+    inner = _build_deeplab(name, aux_loss)
+    if resnet_stem == "deep":
+        if "resnet" not in name:
+            raise ValueError(f"resnet_stem deep needs a ResNet backbone, not {name}")
+        inner.backbone = deep_stem_backbone(inner.backbone)
+    if decode_head == "mmseg":
+        inner.classifier = ASPPHead(inner.classifier[0].convs[0][0].in_channels, num_classes=NUM_CLASSES)
+        if inner.aux_classifier is not None:
+            inner.aux_classifier = FCNHead(inner.aux_classifier[0].in_channels, num_classes=NUM_CLASSES)
+    model = SegmentationModel(name, inner)
+    model.decode_head, model.resnet_stem = decode_head, resnet_stem
     return model
 
 
@@ -200,10 +255,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(module: nn.Module, state: dict, path, ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """load_state_dict, but the error names the file and lists missing / unexpected keys (a few of each)."""
+    """load_state_dict, but the error names the file and lists missing / unexpected keys (a few of each).
+
+    BatchNorm's `num_batches_tracked` may be absent (files saved before PyTorch 0.4.1, e.g. torchvision's V1
+    ImageNet weights): load_state_dict fills it in itself, so it does not count as missing.
+    """
     state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
     expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"weights in {path} do not match {type(module).__name__}: "
                          f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
@@ -213,16 +273,41 @@ def _load_strict(module: nn.Module, state: dict, path, ignore_prefixes: tuple[st
         raise ValueError(f"weights in {path} do not fit {type(module).__name__}: {err}") from err
 
 
+def backbone_state(state: dict) -> dict[str, torch.Tensor]:
+    """The ResNet backbone part of an ImageNet / mmseg checkpoint, in the key names of DeepLab's `backbone`.
+
+    Accepts torchvision's classifier files (conv1/bn1/layerN.*, fc.*) and open-mmlab's ResNetV1c files
+    (`open-mmlab://resnet101_v1c`: optionally wrapped in {"state_dict": ...}, keys stem.{0,1,3,4,6,7}.*
+    for the three conv+BN pairs of the deep stem, then layerN.M.{conv1,bn1,...,downsample.0/1}.*, fc.*),
+    also as the backbone of a whole mmseg segmentor checkpoint ("backbone." prefix, decode_head.* and
+    auxiliary_head.* left out) or saved from DDP ("module." prefix). The model's deep stem uses mmseg's
+    layout, so after unwrapping every backbone key keeps its name.
+    """
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet classifier
+
+
 def _load_deeplab_backbone(inner: nn.Module, name: str, path) -> None:
-    """Load a torchvision ImageNet classifier state dict (resnet50/101, mobilenet_v3_large) into the backbone."""
+    """Load ImageNet weights into the backbone: torchvision classifier files (resnet50/101 V1 or V2,
+    mobilenet_v3_large) for the plain stem, open-mmlab ResNetV1c files for the deep stem."""
     state = _read_state_dict(Path(path))
     if name.endswith("mobilenet_v3_large"):
         # DeepLab's backbone is mobilenet's `features` Sequential, so its keys lack the "features." prefix;
         # the ImageNet classifier head is not part of it.
         state = {k.removeprefix("features."): v for k, v in state.items()}
         _load_strict(inner.backbone, state, path, ignore_prefixes=("classifier.",))
-    else:
-        _load_strict(inner.backbone, state, path, ignore_prefixes=("fc.",))  # ResNet's ImageNet head
+        return
+    state = backbone_state(state)
+    deep_model, deep_file = hasattr(inner.backbone, "stem"), "stem.0.weight" in state
+    if deep_model != deep_file:
+        raise ValueError(f"weights in {path} are for a {'deep' if deep_file else 'plain'}-stem ResNet "
+                         f"({'open-mmlab ResNetV1c' if deep_file else 'torchvision'}), the model has the "
+                         f"{'deep' if deep_model else 'plain'} stem: set resnet_stem {'deep' if deep_file else 'plain'}")
+    _load_strict(inner.backbone, state, path)
 
 
 def _load_segformer_encoder(inner: nn.Module, path) -> None:
@@ -267,9 +352,10 @@ def export_model(model: SegmentationModel, out_dir, extra: dict | None = None) -
         # Replacing the directory deletes it: refuse unless it is an earlier vocseg export.
         raise FileExistsError(f"{out_dir} exists and is not a vocseg model export; refusing to replace it")
     meta = {"model": model.name, "num_classes": model.num_classes, "id2label": {str(k): v for k, v in ID2LABEL.items()},
-            "image_mean": list(model.image_mean), "image_std": list(model.image_std)}
+            "image_mean": list(model.image_mean), "image_std": list(model.image_std),
+            "eval_protocol": model.protocol.to_dict()}
     if model.family == "deeplab":
-        meta["aux_loss"] = model.has_aux
+        meta.update(aux_loss=model.has_aux, decode_head=model.decode_head, resnet_stem=model.resnet_stem)
     clash = set(extra or {}) & set(meta)
     if clash:
         raise ValueError(f"extra metadata must not override {sorted(clash)}")
@@ -324,7 +410,11 @@ def load_model(path) -> SegmentationModel:
     if name in SEGFORMER_SIZES:
         from transformers import SegformerForSemanticSegmentation
 
-        return SegmentationModel(name, SegformerForSemanticSegmentation.from_pretrained(path))
-    model = SegmentationModel(name, _build_deeplab(name, bool(meta.get("aux_loss", True))))
-    _load_strict(model.inner, _read_state_dict(path / WEIGHTS_FILE), path / WEIGHTS_FILE)
+        model = SegmentationModel(name, SegformerForSemanticSegmentation.from_pretrained(path))
+    else:
+        model = _build_deeplab_model(name, bool(meta.get("aux_loss", True)), meta.get("decode_head", "torchvision"),
+                                     meta.get("resnet_stem", "plain"))
+        _load_strict(model.inner, _read_state_dict(path / WEIGHTS_FILE), path / WEIGHTS_FILE)
+    # Exports written before the protocol was recorded: the run's config, else native.
+    model.protocol = ScaleProtocol.from_values(meta.get("eval_protocol") or meta.get("train_config") or {})
     return model

@@ -3,21 +3,58 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import get_polynomial_decay_schedule_with_warmup
 
 
-def parameter_groups(model, learning_rate: float, weight_decay: float, head_lr_mult: float) -> list[dict]:
-    """Four groups: (backbone | head) x (decayed | not decayed).
+WEIGHT_DECAY_POLICIES = ("all", "no_norm_bias", "no_norm_pos")
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
-    Norm weights and biases (1-D tensors) get no weight decay, as in mmseg and the SegFormer recipe;
-    the randomly initialised head may learn faster (head_lr_mult, 10 in the SegFormer recipe).
+
+def decayed(model, policy: str) -> dict[str, bool]:
+    """Parameter name -> whether weight decay applies to it under `policy`.
+
+    - "all": every parameter, as mmseg's DeepLab schedule (configs/_base_/schedules/schedule_20k.py: SGD
+      weight_decay 5e-4, no paramwise_cfg, so mmcv's DefaultOptimizerConstructor decays everything).
+    - "no_norm_bias": not the 1-D tensors (norm weights and biases, conv/linear biases): the common
+      "no bias decay" recipe (e.g. timm, torchvision's references); vocseg's default.
+    - "no_norm_pos": SegFormer's official recipe (local_configs/segformer/B*/*.py: paramwise_cfg
+      custom_keys pos_block decay_mult 0, norm decay_mult 0, head lr_mult 10). mmcv matches custom keys as
+      substrings of the parameter's full name, longest key first, ties alphabetically, so "head" is tried
+      before "norm": the decode head's own BatchNorm is decayed, only the encoder's norms (and anything
+      named pos_block) are not; biases are decayed. Here "norm" means a normalisation layer (all of MiT's
+      parameters named *norm* in transformers' SegFormer are LayerNorms; a DeepLab ResNet's BNs are named
+      bn*, so mmcv's substring rule would miss them), and the head is vocseg's `is_head_parameter`.
     """
+    if policy not in WEIGHT_DECAY_POLICIES:
+        raise ValueError(f"weight_decay_policy must be one of {', '.join(WEIGHT_DECAY_POLICIES)}, got {policy!r}")
+    out = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if policy == "all":
+                out[name] = True
+            elif policy == "no_norm_bias":
+                out[name] = param.ndim > 1
+            else:
+                exempt = "pos_block" in name or (isinstance(module, _NORM_TYPES) and not model.is_head_parameter(name))
+                out[name] = not exempt
+    return out
+
+
+def parameter_groups(model, learning_rate: float, weight_decay: float, head_lr_mult: float,
+                     policy: str = "no_norm_bias") -> list[dict]:
+    """Up to four groups: (backbone | head) x (decayed | not decayed), decay as `policy` says (see `decayed`).
+
+    The randomly initialised head may learn faster (head_lr_mult, 10 in the SegFormer recipe).
+    """
+    decay_of = decayed(model, policy)
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         part = "head" if model.is_head_parameter(name) else "backbone"
-        decay = "no_decay" if param.ndim <= 1 else "decay"
+        decay = "decay" if decay_of[name] else "no_decay"
         groups.setdefault((part, decay), []).append(param)
     return [
         {"name": f"{part}_{decay}", "params": params,
@@ -28,7 +65,8 @@ def parameter_groups(model, learning_rate: float, weight_decay: float, head_lr_m
 
 
 def build_optimizer(cfg, model) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.head_lr_mult)
+    groups = parameter_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.head_lr_mult,
+                              getattr(cfg, "weight_decay_policy", "no_norm_bias"))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
     if cfg.optimizer == "adamw":

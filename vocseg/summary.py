@@ -18,11 +18,13 @@ def summary_lines(cfg, results: dict) -> list[str]:
     else:
         miou, best = results.get("eval_mean_iou"), results.get("best_eval_mean_iou")
         lines.append(f"Finished {results.get('step')} steps of {cfg.model} on {cfg.train_split}.")
-        lines.append(f"  val mIoU ({cfg.val_split}) at the final step: {miou:.4f}" if miou is not None
-                     else "  val mIoU: n/a")
+        # The headline is the last step's score, as mmseg reports its final checkpoint: the best of several
+        # evaluations on the very split being reported is an optimistic pick.
+        lines.append(f"  final mIoU ({cfg.val_split}, step {results.get('step')}): {miou:.4f}"
+                     if miou is not None else "  final mIoU: n/a")
         if best is not None and best >= 0:
             lines.append(f"  best model:  {out}/best_model  (mIoU {best:.4f} at step {results.get('best_step')}, "
-                         f"selected on {cfg.val_split})")
+                         f"selected on {cfg.val_split}: not an unbiased score of it)")
         lines.append(f"  results:     {out}/all_results.json   config: {out}/config.yaml")
         data = demo_data_path() if cfg.synthetic_data else (cfg.data_root or "$DATASET_PATH")
         lines.append(f"  evaluate it: python -m vocseg evaluate --model {out}/best_model --data_root {data}")

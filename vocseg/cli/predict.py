@@ -20,11 +20,12 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vocseg.cli.evaluate import add_inference_args, inference_options
+from vocseg.cli.evaluate import add_inference_args, inference_options, protocol_overrides
 from vocseg.constants import VOC_PALETTE, VOC_PALETTE_FLAT
-from vocseg.data.transforms import decode_image, normalize_on_device
+from vocseg.data.transforms import decode_image, normalize_on_device, resize_to_protocol
 from vocseg.inference import load_model_or_checkpoint, predict_logits
 from vocseg.errors import OneLineArgumentParser
+from vocseg.protocol import ScaleProtocol
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -98,9 +99,15 @@ def save_prediction(image: np.ndarray, prediction: np.ndarray, out_stem: Path) -
     side_by_side.save(out_stem.with_name(out_stem.name + "_overlay.jpg"), quality=90)
 
 
-def segment(model, images: list[np.ndarray], device, options: dict) -> list[np.ndarray]:
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device)
-    logits = predict_logits(model, normalize_on_device(pixels, model.image_mean, model.image_std), **options)
+def segment(model, images: list[np.ndarray], device, options: dict,
+            protocol: ScaleProtocol | None = None) -> list[np.ndarray]:
+    """Class ids at each image's own size; same-size images. The image is predicted at the size `protocol`
+    says (default: the model's own), the logits are resized back to the image."""
+    protocol = protocol or model.protocol
+    resized = [resize_to_protocol(image, protocol) for image in images]
+    pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).to(device)
+    logits = predict_logits(model, normalize_on_device(pixels, model.image_mean, model.image_std),
+                            output_size=images[0].shape[:2], align=protocol.align, **options)
     return list(logits.argmax(1).cpu().numpy())
 
 
@@ -114,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     add_inference_args(parser)
     args = parser.parse_args(argv)
     options = inference_options(args, parser)
+    overrides = protocol_overrides(args, parser)
 
     device = Accelerator().device  # the GPU (or MPS) when there is one, else the CPU
     model = load_model_or_checkpoint(args.model).to(device)
+    protocol = model.protocol.replace(**overrides)
     out = Path(args.out)
     files, missing = find_images(args.inputs)
     failed = []
@@ -163,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         paths = [path for (_, path, out_stem) in batch if out_stem in stems]
         try:
-            predictions = segment(model, images, device, options)
+            predictions = segment(model, images, device, options, protocol)
         except (torch.OutOfMemoryError, RuntimeError):
             predictions = []  # a batch too big for memory: retry one image at a time, failing only those that don't fit
             for image, path in zip(images, paths):
                 try:
-                    predictions += segment(model, [image], device, options)
+                    predictions += segment(model, [image], device, options, protocol)
                 except (torch.OutOfMemoryError, RuntimeError) as error:
                     predictions.append(None)
                     hint = "; try --mode slide" if options["mode"] == "whole" and max(image.shape[:2]) > options[
