@@ -366,8 +366,9 @@ def adopt_best_model(run: Run, checkpoint: Path) -> None:
 
 
 def configure_cpu_threads(accelerator_cpu: bool) -> None:
-    """`accelerate launch` sets OMP_NUM_THREADS=1; a single CPU process should use every core."""
-    if accelerator_cpu and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    """A single CPU process uses every core, unless OMP_NUM_THREADS says otherwise (accelerate launch sets it
+    from --num_cpu_threads_per_process; a busy shared machine is faster with fewer threads than cores)."""
+    if accelerator_cpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(os.cpu_count() or 1)
 
 
