@@ -5,27 +5,47 @@ With no arguments (and no DATASET_PATH) this is the quick-start demo on syntheti
 
 import logging
 import os
+import shlex
 import sys
+from pathlib import Path
 
-from vocseg.config import parse_config
+import yaml
+
+from vocseg.config import config_from_dict, parse_config
 from vocseg.engine import train
 from vocseg.summary import print_summary
 
 
 def relaunch_under_clearml_agent() -> None:
-    """clearml-agent replays a task as `python train.py`: one process. If the task was recorded with
-    N > 1 processes, start it again under `accelerate launch` with N, so the replay matches the original."""
+    """clearml-agent replays a task as `python train.py`: one process, no launcher, no precision. Read what the
+    task recorded (vocseg.remote) and, for N > 1 processes, start again under `accelerate launch` with N and the
+    recorded precision; one process trains in place (the Accelerator takes the recorded precision)."""
     if not os.environ.get("CLEARML_TASK_ID") or "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ:
         return
-    from clearml import Task
+    from vocseg.remote import relaunch_command, remote_output_dir, replay_settings
+    from vocseg.tracking import recorded_task
 
-    task = Task.get_task(task_id=os.environ["CLEARML_TASK_ID"])
-    processes = int(float(task.get_parameter("General/num_processes") or 1))
-    if processes > 1:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), os.path.abspath(__file__), *sys.argv[1:]]
-        print(f"clearml-agent replay: relaunching with {processes} processes: {' '.join(command)}", flush=True)
+    task_id = os.environ["CLEARML_TASK_ID"]
+    try:
+        task_name, parameters = recorded_task(task_id)
+    except RuntimeError as error:  # the server does not answer: one line, not a hang or a traceback
+        raise SystemExit(f"error: {error}") from None
+    settings = replay_settings(parameters)
+    print(f"clearml-agent replay of task {task_id} ({task_name}): {settings.num_processes} process(es), "
+          f"mixed precision {settings.mixed_precision}, run folder {remote_output_dir(task_name, task_id)}", flush=True)
+    command = relaunch_command(os.path.abspath(__file__), sys.argv[1:], settings)
+    if command:
+        print(f"relaunching: {shlex.join(command)}", flush=True)
         os.execv(sys.executable, command)
+
+
+def resolved_config(cfg, results: dict):
+    """The config the run trained with, as saved in its folder: under clearml-agent it comes from the task,
+    not from this command line (which is empty there, i.e. the demo recipe)."""
+    saved = Path(results.get("output_dir") or "") / "config.yaml"
+    if not saved.is_file():
+        return cfg
+    return config_from_dict(yaml.safe_load(saved.read_text()))
 
 
 if __name__ == "__main__":
@@ -35,5 +55,5 @@ if __name__ == "__main__":
     relaunch_under_clearml_agent()
     cfg = parse_config()
     results = train(cfg)
-    print_summary(cfg, results)
+    print_summary(resolved_config(cfg, results), results)
     sys.exit(0)

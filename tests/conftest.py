@@ -1,6 +1,7 @@
 import shutil
 
 import pytest
+from accelerate.state import AcceleratorState
 
 from vocseg.data.synthetic import make_synthetic_tree
 
@@ -25,3 +26,16 @@ def tree_copy(synthetic_tree, tmp_path):
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def clearml_env(monkeypatch, tmp_path):
+    """No server configured: vocseg must choose offline mode by itself. Yields the offline sessions folder."""
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml"))
+    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "no-clearml.conf"))
+    for name in ("CLEARML_API_HOST", "CLEARML_OFFLINE_MODE", "CLEARML_TASK_ID", "ACCELERATE_MIXED_PRECISION",
+                 "CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY", "VOCSEG_CLEARML_TIMEOUT", "VOCSEG_OUTPUT_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield tmp_path / "clearml" / "offline"
+    AcceleratorState._reset_state(reset_partial_state=True)

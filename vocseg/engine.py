@@ -35,7 +35,8 @@ from vocseg.data.transforms import (SegmentationTransform, build_eval_augment, b
 from vocseg.metrics import batch_confusion_matrices, scores_from_matrix
 from vocseg.models import build_model, export_model
 from vocseg.optim import build_optimizer, build_scheduler
-from vocseg.tracking import Reporter, connect_config, sample_panel, start_task, uses_clearml
+from vocseg.remote import resolve_mixed_precision
+from vocseg.tracking import Reporter, adopt_task_run, connect_config, sample_panel, start_task, uses_clearml
 
 logger = logging.getLogger("vocseg")  # main process only: see vocseg.log.setup_logging
 
@@ -115,10 +116,12 @@ def resolve_run(cfg: TrainConfig, state: PartialState) -> tuple[TrainConfig, Rep
                              "(python train.py ... --clearml_queue Q --num_processes N for an N-GPU replay)")
         # Recorded for clearml-agent replays; enqueued from a laptop, it is the N asked for.
         cfg.num_processes = (cfg.num_processes or state.num_processes) if cfg.clearml_queue else state.num_processes
+        cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)  # recorded resolved: replays match
         if uses_clearml(cfg):
-            task, offline = start_task(cfg, state.num_processes, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+            task, offline = start_task(cfg, state.num_processes)
             recipe = CONFIGS_DIR / f"{cfg.recipe}.yaml"
             cfg = connect_config(task, cfg, str(recipe) if recipe.is_file() else None)
+            cfg = adopt_task_run(task, cfg)  # under clearml-agent: the task's own folder, no inherited resume
             reporter = Reporter(task, offline)
             if cfg.clearml_queue and task.running_locally():
                 logger.info(f"enqueued ClearML task {task.id} on queue {cfg.clearml_queue}; exiting")
@@ -266,7 +269,8 @@ def train(cfg: TrainConfig) -> dict:
     # GPU, would make every process of a CPU multi-process launch believe it is alone.
     cfg, reporter = resolve_run(cfg, PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")))
     output_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, project_dir=str(output_dir),
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, project_dir=str(output_dir),
                               log_with=["tensorboard"] if cfg.tracker in ("tensorboard", "all") else None)
     configure_cpu_threads(accelerator.device.type == "cpu")
     if accelerator.is_main_process:
