@@ -12,7 +12,7 @@ import yaml
 from accelerate.state import AcceleratorState
 
 import vocseg.engine as engine
-from vocseg.cli import compare
+from vocseg.cli import clearml_import, compare
 from vocseg.config import ConfigError, TrainConfig, coerce_value
 from vocseg.constants import VOC_CLASSES
 from vocseg.provenance import script_info
@@ -62,6 +62,11 @@ def test_offline_session_holds_hyperparameters_scalars_plots_and_samples(synthet
     assert hyper["Model"]["model"]["value"] == "segformer-b0"
     assert hyper["Data"]["crop_size"]["value"] == "48"
     assert hyper["General"]["max_train_steps"]["value"] == "4"
+
+    # clearml-import finds the run folder and its best model from the session alone.
+    assert clearml_import.recorded_run_folder(Path(f"{session}.zip")) == (tmp_path / "run").resolve()
+    assert clearml_import.best_model_scores(tmp_path / "run" / "best_model") == (
+        results["best_step"], pytest.approx(results["best_eval_mean_iou"]))
 
     all_events = events(session)
     scalars = {}
@@ -229,7 +234,7 @@ class RecordingOutputModel:
 
     def __init__(self, task=None, name=None, framework=None, label_enumeration=None, comment=None):
         self.init = dict(task=task, name=name, framework=framework, label_enumeration=label_enumeration)
-        self.calls = []
+        self.calls, self.id = [], f"model-{len(RecordingOutputModel.created)}"
         RecordingOutputModel.created.append(self)
 
     def update_weights_package(self, **kwargs):
@@ -309,3 +314,45 @@ def test_the_registered_package_reloads_into_the_same_model(tmp_path):
     original, loaded = model.state_dict(), reloaded.state_dict()
     assert original.keys() == loaded.keys()
     assert all(torch.equal(original[k], loaded[k]) for k in original)
+
+
+class ImportedTask:
+    """The task clearml-import created (Task.get_task replaced: no server here)."""
+    output_uri = None
+
+    def __init__(self):
+        self.status_calls = []
+
+    def mark_started(self, force=False):
+        self.status_calls.append(("started", force))
+
+    def mark_completed(self, **kwargs):
+        self.status_calls.append(("completed", kwargs))
+
+
+def test_clearml_import_registers_the_runs_best_model_from_its_folder(tmp_path, monkeypatch):
+    import clearml
+
+    from vocseg.models import META_FILE
+
+    RecordingOutputModel.created.clear()
+    monkeypatch.setattr(clearml, "OutputModel", RecordingOutputModel)
+    task = ImportedTask()
+    monkeypatch.setattr(clearml.Task, "get_task", staticmethod(lambda task_id: task))
+    run = tmp_path / "run"
+    assert "no trained best model" in clearml_import.register_run_best_model("t1", run, None)
+    assert "pass --run_dir" in clearml_import.register_run_best_model("t1", None, None)
+    assert RecordingOutputModel.created == []
+
+    (run / "best_model").mkdir(parents=True)
+    (run / "best_model" / META_FILE).write_text(json.dumps({"model": "segformer-b0", "eval_mean_iou": 0.75,
+                                                            "step": 40}))
+    line = clearml_import.register_run_best_model("t1", run, "s3://bucket/models")
+    assert "mIoU 0.7500 at step 40" in line and "uploaded to s3://bucket/models" in line
+    [model] = RecordingOutputModel.created
+    assert model.init["task"] is task and model.init["name"] == "best_model"
+    assert model.calls[0] == ("update_weights_package", dict(
+        weights_path=str((run / "best_model").resolve()), upload_uri="s3://bucket/models",
+        target_filename="best_model", iteration=40, auto_delete_file=False))
+    assert model.calls[1][1]["mIoU"]["value"] == "0.750000"
+    assert [c[0] for c in task.status_calls] == ["started", "completed"]

@@ -6,8 +6,11 @@ can change it, and edits would reach rank 0 only). Here the main process creates
 each config section with `task.connect`, reads the values back (a clone run by clearml-agent gets
 the edited ones) and the engine broadcasts that config to every rank before building anything.
 
-No server configured, or one that does not answer within a few seconds: offline mode, which needs
-no network; the session can be uploaded later with `python -m vocseg clearml-import ZIP`.
+No server configured, one that does not answer debug.ping within a few seconds, or a Task.init that
+fails or overruns its deadline (vocseg.clearml_connection): offline mode, which needs no network; the
+session records the script/repository/packages an agent needs and is uploaded later with
+`python -m vocseg clearml-import ZIP`. Under clearml-agent the rules of vocseg.remote apply (own folder,
+no inherited resume, recorded precision).
 """
 
 from __future__ import annotations
