@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import pytest
@@ -30,7 +31,12 @@ def cache_dir(tmp_path):
 
 @pytest.fixture
 def clearml_env(monkeypatch, tmp_path):
-    """No server configured: vocseg must choose offline mode by itself. Yields the offline sessions folder."""
+    """No server configured: vocseg must choose offline mode by itself. Yields the offline sessions folder.
+
+    ClearML writes to os.environ itself (CLEARML_PROC_MASTER_ID, CLEARML_OFFLINE_MODE): restored afterwards, or a
+    later test's subprocess inherits them and its Task.init returns a stub (it believes it is a child process).
+    """
+    saved_environment = dict(os.environ)
     monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml"))
     monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "no-clearml.conf"))
     for name in ("CLEARML_API_HOST", "CLEARML_OFFLINE_MODE", "CLEARML_TASK_ID", "ACCELERATE_MIXED_PRECISION",
@@ -39,3 +45,5 @@ def clearml_env(monkeypatch, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     yield tmp_path / "clearml" / "offline"
     AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.clear()
+    os.environ.update(saved_environment)
