@@ -19,6 +19,7 @@ from vocseg import tracking
 from vocseg.cli import clearml_import, compare
 from vocseg.clearml_connection import REACHABILITY_TIMEOUT_S, unreachable_reason
 from vocseg.config import TrainConfig
+from vocseg.log import setup_logging
 
 # What a run spends before training besides the probe: an offline Task.init, git and package reads, the
 # Accelerator. Measured 0.9 s (502) and 3.5 s (silent, 3 s probe included) on 2 busy cores; before the fix
@@ -96,6 +97,7 @@ def test_a_run_against_a_server_that_does_not_answer_goes_offline_and_finishes(
 
 
 def test_task_init_is_bounded_when_the_server_stalls_after_the_probe(stalling_server, tmp_path, capsys):
+    setup_logging()  # as train() does: vocseg's lines on stdout
     cfg = TrainConfig(run_name="stalled", output_dir=str(tmp_path / "run"), mixed_precision="no")
     start = time.monotonic()
     task, offline = tracking.start_task(cfg, world_size=1)
@@ -155,3 +157,25 @@ def test_compare_is_bounded_when_the_server_stalls_after_the_probe(stalling_serv
 def test_compare_names_a_missing_session_file(tmp_path, capsys, clearml_env):
     assert compare.main([str(tmp_path / "offline-gone.zip")]) == 2
     assert "no such offline session" in capsys.readouterr().err
+
+
+def test_the_deadline_interrupts_a_blocking_call_and_keeps_an_outer_alarm():
+    import signal
+
+    from vocseg.clearml_connection import ClearMLTimeout, deadline
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *args: fired.append("outer"))
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ClearMLTimeout, match="a blocking read did not finish within 0.5 s"):
+            quiet, other_end = socket.socketpair()
+            with deadline(0.5, "a blocking read"), quiet, other_end:
+                quiet.recv(1)  # nothing ever arrives
+        assert 0.4 < time.monotonic() - start < 2.0
+        assert 1.0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 2.6  # the outer alarm still counts down
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert fired == []
