@@ -1,3 +1,4 @@
+import logging
 import os
 import shutil
 
@@ -47,3 +48,14 @@ def clearml_env(monkeypatch, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     os.environ.clear()
     os.environ.update(saved_environment)
+
+
+@pytest.fixture(autouse=True)
+def vocseg_logger_as_it_was():
+    """train() gives the "vocseg" logger its own handler and stops propagation; a later test reading the log
+    with caplog (a root handler) would see nothing. Each test leaves the logger as it found it."""
+    logger = logging.getLogger("vocseg")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
