@@ -1,6 +1,7 @@
 """ClearML offline sessions: hyperparameters, scalars, plots, samples; server overrides; no network; compare."""
 
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -11,23 +12,13 @@ import yaml
 from accelerate.state import AcceleratorState
 
 import vocseg.engine as engine
-from vocseg.cli import compare
+from vocseg.cli import clearml_import, compare
 from vocseg.config import ConfigError, TrainConfig, coerce_value
 from vocseg.constants import VOC_CLASSES
+from vocseg.provenance import script_info
+from vocseg.tracking import register_best_model
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def clearml_env(monkeypatch, tmp_path):
-    """No server configured: vocseg must choose offline mode by itself."""
-    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "clearml"))
-    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "no-clearml.conf"))
-    for name in ("CLEARML_API_HOST", "CLEARML_OFFLINE_MODE", "CLEARML_TASK_ID", "ACCELERATE_MIXED_PRECISION"):
-        monkeypatch.delenv(name, raising=False)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield tmp_path / "clearml" / "offline"
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def run_config(tree, out, cache, **overrides) -> TrainConfig:
@@ -58,10 +49,24 @@ def test_offline_session_holds_hyperparameters_scalars_plots_and_samples(synthet
     assert task["name"] == "tracked" and task["project_name"] == "Pascal-VOC12 Training"
     hyper = task["hyperparams"]
     assert {"General", "Data", "Model", "Optim"} <= set(hyper)
+    assert hyper["General"]["mixed_precision"]["value"] == "no"  # recorded resolved, for replays
+    assert hyper["properties"]["run_folder"]["value"] == str((tmp_path / "run").resolve())
+    # What an agent needs to re-run the session once imported (recorded offline from local git reads).
+    script = task["script"]
+    assert script["entry_point"] == "train.py" and script["working_dir"] == "."
+    assert "torch==" in script["requirements"]["pip"] and "vocseg" not in script["requirements"]["pip"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (not an unpacked archive)
+        assert script["version_num"] == head.stdout.strip() and script["repository"]
     assert hyper["Optim"]["learning_rate"]["value"] == "0.001"
     assert hyper["Model"]["model"]["value"] == "segformer-b0"
     assert hyper["Data"]["crop_size"]["value"] == "48"
     assert hyper["General"]["max_train_steps"]["value"] == "4"
+
+    # clearml-import finds the run folder and its best model from the session alone.
+    assert clearml_import.recorded_run_folder(Path(f"{session}.zip")) == (tmp_path / "run").resolve()
+    assert clearml_import.best_model_scores(tmp_path / "run" / "best_model") == (
+        results["best_step"], pytest.approx(results["best_eval_mean_iou"]))
 
     all_events = events(session)
     scalars = {}
@@ -193,3 +198,161 @@ def test_bad_value_from_the_server_names_the_key():
         coerce_value(float, "fast", "learning_rate")
     with pytest.raises(ConfigError, match="optimizer"):
         coerce_value(typing.Literal["sgd", "adamw"], "adam", "optimizer")
+
+
+def test_script_info_reads_repository_commit_and_uncommitted_diff_locally(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    (repo / "train.py").write_text("print('v1')\n")
+    git("add", "train.py")
+    git("commit", "-q", "-m", "first")
+    git("remote", "add", "origin", "https://example.com/team/vocseg.git")
+    (repo / "train.py").write_text("print('v2')\n")  # uncommitted
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    info = script_info(repo / "train.py", cwd=repo / "sub")
+    assert info.repository == "https://example.com/team/vocseg.git" and info.branch == "main"
+    assert info.commit == commit and len(commit) == 40
+    assert info.working_dir == "sub" and info.entry_point == "../train.py"
+    assert "-print('v1')\n+print('v2')\n" in info.diff and info.diff.endswith("\n")
+    # The diff applies to the recorded commit: what an agent does after checking it out.
+    git("stash")
+    subprocess.run(["git", "-C", str(repo), "apply"], input=info.diff, text=True, check=True)
+    assert (repo / "train.py").read_text() == "print('v2')\n"
+    assert script_info(tmp_path / "elsewhere.py") is None  # not in a git work tree
+
+
+class RecordingOutputModel:
+    """Stands in for clearml.OutputModel (registering needs a server): records what the run asks of it."""
+    created = []
+
+    def __init__(self, task=None, name=None, framework=None, label_enumeration=None, comment=None):
+        self.init = dict(task=task, name=name, framework=framework, label_enumeration=label_enumeration)
+        self.calls, self.id = [], f"model-{len(RecordingOutputModel.created)}"
+        RecordingOutputModel.created.append(self)
+
+    def update_weights_package(self, **kwargs):
+        self.calls.append(("update_weights_package", kwargs))
+
+    def update_weights(self, **kwargs):
+        self.calls.append(("update_weights", kwargs))
+
+    def set_all_metadata(self, metadata, replace=True):
+        self.calls.append(("set_all_metadata", metadata))
+
+
+class UploadingTask:
+    output_uri = "s3://bucket/models"
+
+    def get_logger(self):
+        return object()  # only the presence matters here: it makes the Reporter active
+
+
+def test_best_model_is_registered_as_the_whole_export_folder_with_metadata(tmp_path, monkeypatch):
+    import clearml
+    from vocseg.constants import LABEL2ID
+    from vocseg.tracking import Reporter
+
+    RecordingOutputModel.created.clear()
+    monkeypatch.setattr(clearml, "OutputModel", RecordingOutputModel)
+    task = UploadingTask()
+    reporter = Reporter(task, offline=False)
+    reporter.best_model(tmp_path / "best_model", step=4, miou=0.5)
+    reporter.best_model(tmp_path / "best_model", step=8, miou=0.625)
+    [model] = RecordingOutputModel.created  # one registry entry, updated at each improvement
+    assert model.init == dict(task=task, name="best_model", framework="PyTorch", label_enumeration=LABEL2ID)
+    package = [kwargs for name, kwargs in model.calls if name == "update_weights_package"]
+    assert package == [dict(weights_path=str((tmp_path / "best_model").resolve()), upload_uri=None,
+                            target_filename="best_model", iteration=step, auto_delete_file=False) for step in (4, 8)]
+    assert model.calls[-1] == ("set_all_metadata", {"mIoU": {"value": "0.625000", "type": "float"},
+                                                    "step": {"value": "8", "type": "int"}})
+
+    task.output_uri = None  # nowhere to upload: the folder is registered where it is
+    registered = register_best_model(task, tmp_path / "best_model", step=2, miou=0.25)
+    assert registered.calls[0] == ("update_weights", dict(register_uri=str((tmp_path / "best_model").resolve()),
+                                                          iteration=2))
+
+    Reporter(task, offline=True).best_model(tmp_path / "best_model", step=1, miou=0.1)
+    assert len(RecordingOutputModel.created) == 2  # offline: nothing registered (clearml-import does it)
+
+
+def test_the_registered_package_reloads_into_the_same_model(tmp_path):
+    """The package ClearML builds from best_model/ (its own update_weights_package code, the upload replaced)
+    extracted the way InputModel.get_local_copy does, then vocseg.models.load_model: same weights."""
+    import shutil
+
+    import torch
+    from clearml import OutputModel, StorageManager
+
+    from vocseg.models import build_model, export_model, load_model
+
+    model = build_model(TrainConfig(model="segformer-b0"))
+    export = export_model(model, tmp_path / "best_model", extra={"eval_mean_iou": 0.5, "step": 3})
+
+    class Uploader:  # the part of OutputModel below update_weights_package: keep the zip it would upload
+        comment, _log = None, logging.getLogger("test")
+
+        def update_weights(self, weights_filename, **kwargs):
+            shutil.copy(weights_filename, tmp_path / "uploaded.zip")
+
+        def _set_package_tag(self):
+            pass
+
+    OutputModel.update_weights_package(Uploader(), weights_path=str(export), target_filename="best_model",
+                                       iteration=3, auto_delete_file=False)
+    assert sorted(p.name for p in export.iterdir())  # auto_delete_file=False: the export folder is untouched
+    local = StorageManager.get_local_copy((tmp_path / "uploaded.zip").as_uri(), extract_archive=True)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "vocseg_model.json"} <= {
+        p.name for p in Path(local).iterdir()}
+    reloaded = load_model(local)
+    original, loaded = model.state_dict(), reloaded.state_dict()
+    assert original.keys() == loaded.keys()
+    assert all(torch.equal(original[k], loaded[k]) for k in original)
+
+
+class ImportedTask:
+    """The task clearml-import created (Task.get_task replaced: no server here)."""
+    output_uri = None
+
+    def __init__(self):
+        self.status_calls = []
+
+    def mark_started(self, force=False):
+        self.status_calls.append(("started", force))
+
+    def mark_completed(self, **kwargs):
+        self.status_calls.append(("completed", kwargs))
+
+
+def test_clearml_import_registers_the_runs_best_model_from_its_folder(tmp_path, monkeypatch):
+    import clearml
+
+    from vocseg.models import META_FILE
+
+    RecordingOutputModel.created.clear()
+    monkeypatch.setattr(clearml, "OutputModel", RecordingOutputModel)
+    task = ImportedTask()
+    monkeypatch.setattr(clearml.Task, "get_task", staticmethod(lambda task_id: task))
+    run = tmp_path / "run"
+    assert "no trained best model" in clearml_import.register_run_best_model("t1", run, None)
+    assert "pass --run_dir" in clearml_import.register_run_best_model("t1", None, None)
+    assert RecordingOutputModel.created == []
+
+    (run / "best_model").mkdir(parents=True)
+    (run / "best_model" / META_FILE).write_text(json.dumps({"model": "segformer-b0", "eval_mean_iou": 0.75,
+                                                            "step": 40}))
+    line = clearml_import.register_run_best_model("t1", run, "s3://bucket/models")
+    assert "mIoU 0.7500 at step 40" in line and "uploaded to s3://bucket/models" in line
+    [model] = RecordingOutputModel.created
+    assert model.init["task"] is task and model.init["name"] == "best_model"
+    assert model.calls[0] == ("update_weights_package", dict(
+        weights_path=str((run / "best_model").resolve()), upload_uri="s3://bucket/models",
+        target_filename="best_model", iteration=40, auto_delete_file=False))
+    assert model.calls[1][1]["mIoU"]["value"] == "0.750000"
+    assert [c[0] for c in task.status_calls] == ["started", "completed"]

@@ -70,6 +70,9 @@ class TrainConfig:
     num_debug_samples: int = _f(4, "General", "val images shown as image | truth | prediction at each eval")
     num_processes: int | None = _f(None, "General", "processes the run was launched with (recorded; a "
                                    "clearml-agent replay relaunches with this many)")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(
+        None, "General", "no / fp16 / bf16 (default: the launcher's: accelerate launch --mixed_precision or accelerate "
+        "config); the resolved value is recorded, so a clearml-agent replay trains in the same precision")
     # Data
     data_root: str | None = _f(None, "Data", "VOC root: VOC2012, VOCdevkit or their parent, or a parquet "
                                "folder (default: $DATASET_PATH)")

@@ -46,7 +46,8 @@ from vocseg.reporting import TensorBoardReporter, Reporters
 from vocseg.run_folder import (check_resume_config, check_shared_folder, check_output_dir_free, claim_folder,
                                on_main_then_everywhere)
 from vocseg.sampling import EpochShuffleSampler, eval_batches, sample_sizes
-from vocseg.tracking import Reporter, connect_config, sample_panel, start_task, uses_clearml
+from vocseg.remote import resolve_mixed_precision
+from vocseg.tracking import Reporter, adopt_task_run, connect_config, sample_panel, start_task, uses_clearml
 
 logger = logging.getLogger("vocseg")  # main process only: see vocseg.log.setup_logging
 
@@ -124,16 +125,18 @@ def _name_and_track(cfg: TrainConfig, state: PartialState) -> tuple[dict, Report
                          "(python train.py ... --clearml_queue Q --num_processes N for an N-GPU replay)")
     # Recorded for clearml-agent replays; enqueued from a laptop, it is the N asked for.
     cfg.num_processes = (cfg.num_processes or state.num_processes) if cfg.clearml_queue else state.num_processes
-    if not cfg.clearml_queue:
+    cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)  # recorded: a replay trains the same way
+    if not cfg.clearml_queue and not os.environ.get("CLEARML_TASK_ID"):  # an agent's folder comes from its task
         check_output_dir_free(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         if not cfg.synthetic_data:  # a wrong --data_root fails here, in a second, not after the model is built
             for split in (cfg.train_split, cfg.val_split):
                 check_split_available(split, cfg.data_root, cfg.sbd_root)
     reporter = Reporter()
     if uses_clearml(cfg):
-        task, offline = start_task(cfg, state.num_processes, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        task, offline = start_task(cfg, state.num_processes)
         recipe = CONFIGS_DIR / f"{cfg.recipe}.yaml"
         cfg = connect_config(task, cfg, str(recipe) if recipe.is_file() else None)
+        cfg = adopt_task_run(task, cfg)  # under clearml-agent: the task's own folder, resuming only itself
         validate_config(cfg)  # values edited on the server are checked like flags
         reporter = Reporter(task, offline)
         if cfg.clearml_queue and task.running_locally():
@@ -273,7 +276,8 @@ def build_reporters(cfg: TrainConfig, accelerator: Accelerator, clearml: Reporte
 def build_run(cfg: TrainConfig, clearml: Reporter, claim: Claim) -> Run:
     """Accelerator, model, data, optimiser, schedule, and the resumed position: everything the loop needs."""
     output_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, project_dir=str(output_dir))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              project_dir=str(output_dir))
     configure_cpu_threads(accelerator.device.type == "cpu")
     batch_warning = global_batch_warning(cfg, accelerator.num_processes)
     if batch_warning:

@@ -13,6 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from vocseg.clearml_connection import ClearMLTimeout, deadline, deadline_seconds, server_unavailable_reason
 from vocseg.constants import VOC_CLASSES
 from vocseg.errors import OneLineArgumentParser
 
@@ -46,16 +47,18 @@ def _offline_session(path: Path) -> dict:
 
 
 def _server_task(run: str) -> dict:
+    """A task on the server, read within the deadline (the SDK alone would retry a silent server for minutes)."""
     from clearml import Task
 
-    if "/" in run:
-        project, name = run.rsplit("/", 1)
-        task = Task.get_task(project_name=project, task_name=name)
-    else:
-        task = Task.get_task(task_id=run)
-    scalars = {title: {series: list(zip(values["x"], values["y"])) for series, values in by_series.items()}
-               for title, by_series in task.get_reported_scalars().items()}
-    return {"name": task.name, "id": task.id, "params": dict(task.get_parameters()), "scalars": scalars}
+    with deadline(deadline_seconds(), f"reading {run} from the ClearML server"):
+        if "/" in run:
+            project, name = run.rsplit("/", 1)
+            task = Task.get_task(project_name=project, task_name=name)
+        else:
+            task = Task.get_task(task_id=run)
+        scalars = {title: {series: list(zip(values["x"], values["y"])) for series, values in by_series.items()}
+                   for title, by_series in task.get_reported_scalars().items()}
+        return {"name": task.name, "id": task.id, "params": dict(task.get_parameters()), "scalars": scalars}
 
 
 def load_run(run: str) -> dict:
@@ -105,7 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
     parser.add_argument("--csv", help="also write the table as CSV to this file")
     args = parser.parse_args(argv)
-    rows = comparison_rows([load_run(r) for r in args.runs], args.all)
+    missing = [r for r in args.runs if not Path(r).exists() and r.endswith(".zip")]
+    if missing:
+        print(f"error: no such offline session: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if any(not Path(r).exists() for r in args.runs):  # task ids / names: the server must answer first
+        reason = server_unavailable_reason()
+        if reason:
+            print(f"error: {reason}", file=sys.stderr)
+            return 2
+    try:
+        rows = comparison_rows([load_run(r) for r in args.runs], args.all)
+    except ClearMLTimeout as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(to_text(rows))
     if args.markdown:
         Path(args.markdown).write_text(to_markdown(rows) + "\n")
