@@ -13,7 +13,7 @@ import vocseg.engine as engine
 from vocseg.checkpoint import list_checkpoints
 from vocseg.config import ConfigError, TrainConfig, load_recipe, parse_config
 from vocseg.constants import VOC_CLASSES
-from vocseg.models import load_model
+from vocseg.models import build_model, load_model
 
 
 @pytest.fixture(autouse=True)
@@ -130,36 +130,79 @@ def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
     assert engine.eval_results(matrix)["eval_mean_iou"] == best["eval_mean_iou"]
 
 
-def test_gradient_accumulation_run(synthetic_tree, tmp_path):
+def tensorboard_scalars(out) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for folder in sorted({f.parent for f in out.rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
+
+
+def watch_built_model(monkeypatch, on_model):
+    """Let a test hook into the model the engine builds (forward hooks, a reference to its weights)."""
+    def build_and_watch(cfg):
+        model = build_model(cfg)  # vocseg.models' own: a second call replaces the first watcher, not wraps it
+        on_model(model)
+        return model
+
+    monkeypatch.setattr(engine, "build_model", build_and_watch)
+
+
+def test_gradient_accumulation_run(synthetic_tree, tmp_path, monkeypatch):
+    """2 micro-batches per optimiser step: 6 training forwards for 3 steps, one epoch, and the schedule
+    advanced once per optimiser step (the lr logged after step s is the poly value at s of 3, not at 2s)."""
     tree, _ = synthetic_tree
     out = tmp_path / "accum"
+    forwards = []
+    watch_built_model(monkeypatch, lambda model: model.register_forward_hook(
+        lambda module, inputs, output: forwards.append(module.training)))
     results = engine.train(tiny_config(tree, out, tmp_path / "cache", per_device_train_batch_size=2,
                                        gradient_accumulation_steps=2, max_train_steps=3, eval_steps=3,
-                                       checkpointing_steps=3, max_eval_samples=2))
+                                       checkpointing_steps=3, max_eval_samples=2, tracker="tensorboard"))
     assert results["step"] == 3
     assert json.loads((out / "all_results.json").read_text())["step"] == 3
     # 12 images / batch 2 = 6 batches per epoch = 3 optimiser steps: exactly one epoch was consumed.
     assert results["epoch"] == 1
+    assert forwards.count(True) == 6
+    lrs = tensorboard_scalars(out)["lr_backbone_decay"]
+    assert lrs == [(s, pytest.approx(1e-3 * (1 - s / 3) ** 0.9, abs=1e-9)) for s in (1, 2, 3)]
 
 
 def test_bf16_run(synthetic_tree, tmp_path, monkeypatch):
+    """bf16 autocast really computes in bf16 (conv outputs are bf16, the loss differs from fp32) and stays close
+    to fp32: the first loss within 1%, the weights after 2 AdamW steps within AdamW's step bound (|update| <=
+    ~lr per step, so two runs from the same start differ by at most ~4 lr)."""
     tree, _ = synthetic_tree
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
-    out = tmp_path / "bf16"
-    seen = set()
-    original_build = engine.build_model
+    runs = {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)  # what `accelerate launch --mixed_precision` sets
+        seen, built = set(), []
 
-    def build_and_watch(cfg):
-        model = original_build(cfg)
-        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-        conv.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
-        return model
+        def watch(model, seen=seen, built=built):
+            conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            conv.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+            built.append(model)
 
-    monkeypatch.setattr(engine, "build_model", build_and_watch)
-    results = engine.train(tiny_config(tree, out, tmp_path / "cache", max_train_steps=2, eval_steps=2,
-                                       checkpointing_steps=2, max_eval_samples=1, crop_size=32))
-    assert seen == {torch.bfloat16}, "the forward did not run under bf16 autocast"
-    assert (out / "all_results.json").exists() and results["step"] == 2
+        watch_built_model(monkeypatch, watch)
+        out = tmp_path / precision
+        results = engine.train(tiny_config(tree, out, tmp_path / "cache", max_train_steps=2, eval_steps=2,
+                                           checkpointing_steps=2, max_eval_samples=1, crop_size=32,
+                                           tracker="tensorboard"))
+        assert (out / "all_results.json").exists() and results["step"] == 2
+        runs[precision] = {"dtypes": seen, "loss": tensorboard_scalars(out)["train_loss"][0][1],
+                           "weights": {k: v.detach().clone() for k, v in built[0].state_dict().items()}}
+    assert runs["bf16"]["dtypes"] == {torch.bfloat16}, "the forward did not run under bf16 autocast"
+    assert runs["no"]["dtypes"] == {torch.float32}
+    fp32, bf16 = runs["no"]["loss"], runs["bf16"]["loss"]
+    assert bf16 != fp32 and abs(bf16 - fp32) <= 0.01 * fp32, (bf16, fp32)
+    differences = [(runs["bf16"]["weights"][k].float() - w.float()).abs().max().item()
+                   for k, w in runs["no"]["weights"].items() if w.is_floating_point()]
+    assert max(differences) > 0 and max(differences) <= 4.1 * 1e-3, max(differences)
 
 
 def test_resume_latest_without_checkpoint_warns_and_starts_at_zero(synthetic_tree, tmp_path, capsys):
@@ -200,19 +243,14 @@ def test_default_recipe_follows_dataset_path(monkeypatch):
 
 
 def test_tensorboard_tracker_writes_scalars(synthetic_tree, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     tree, _ = synthetic_tree
     out = tmp_path / "tb"
     engine.train(tiny_config(tree, out, tmp_path / "cache", tracker="tensorboard", max_train_steps=2, eval_steps=2,
                              checkpointing_steps=2, max_eval_samples=1, crop_size=32))
-    event_files = list(out.rglob("events.out.tfevents.*"))
-    assert event_files, "no TensorBoard event file under output_dir"
-    events = EventAccumulator(str(event_files[0].parent))
-    events.Reload()
-    tags = events.Tags()["scalars"]
-    assert "train_loss" in tags and "eval_mean_iou" in tags
-    assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+    scalars = tensorboard_scalars(out)
+    assert scalars, "no TensorBoard event file under output_dir"
+    assert "train_loss" in scalars and "eval_mean_iou" in scalars
+    assert [step for step, _ in scalars["train_loss"]] == [1, 2]
 
 
 @pytest.mark.parametrize("name", ["cpu", "single_gpu", "multi_gpu_bf16", "multi_gpu_fp16", "multi_node"])

@@ -92,7 +92,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "Optim", "AdamW beta2")
     lr_warmup_steps: int = _f(0, "Optim", "linear warmup steps")
     poly_power: float = _f(0.9, "Optim", "power of the poly decay (1.0 = linear)")
-    min_learning_rate: float = _f(0.0, "Optim", "learning rate at the last step")
+    min_learning_rate: float = _f(0.0, "Optim", "learning rate of every param group (head too) at the last step")
     gradient_accumulation_steps: int = _f(1, "Optim", "micro-batches per optimiser step")
     max_grad_norm: float | None = _f(None, "Optim", "clip gradients to this norm (none: no clipping)")
 
