@@ -22,6 +22,7 @@ table reports the best of the repeats (as timeit does) and the ratios use it; th
 range are shown beside it, and a configuration whose runs spread by more than 25% is flagged.
 
     python benchmarks/data_pipeline.py --num-images 200 --crop-size 512 --workers 0 1 2 --batch-size 8 --epochs 2
+    python benchmarks/data_pipeline.py --smoke     # seconds: does it still run (CI)
 """
 
 from __future__ import annotations
@@ -148,7 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5,
                         help="interleaved repetitions; the best is reported, with median and range")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: CI runs it to catch a crash; its figures mean nothing and never fail it")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_images, args.crop_size, args.workers, args.batch_size = 8, 64, [0], 4
+        args.epochs, args.batches, args.repeats = 1, None, 1
 
     datasets.disable_progress_bars()
     t0 = time.perf_counter()
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
             tree = Path(args.tree)
         else:
             tree = Path(tmp) / "tree"
-            make_synthetic_tree(tree, num_train=args.num_images, num_val=1, seed=args.seed, scale=1.0)
+            make_synthetic_tree(tree, num_train=args.num_images, num_val=1, seed=args.seed,
+                                scale=0.3 if args.smoke else 1.0)
         cache_dir = args.cache_dir or str(Path(tmp) / "cache")
         dataset = load_split(args.split, data_root=tree, cache_dir=cache_dir)
         if not args.tree and len(dataset) > args.num_images:

@@ -18,7 +18,14 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _configs_dir() -> Path:
+    """The recipes: installed with the package as vocseg/configs (pip install .), else configs/ of the checkout."""
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
+
+
+CONFIGS_DIR = _configs_dir()
 DEMO_RECIPE = CONFIGS_DIR / "demo.yaml"
 REAL_DATA_RECIPE = CONFIGS_DIR / "deeplabv3_r101_voc_aug.yaml"
 
