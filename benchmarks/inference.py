@@ -60,7 +60,9 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: CI runs it to catch a crash; its figures mean nothing and never fail it")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, seconds: CI runs it to catch a crash; "
+                        "its figures mean nothing and never fail it")
     args = parser.parse_args()
     if args.smoke:
         args.height, args.width, args.crop, args.stride, args.num_images, args.repeats = 40, 56, 32, 24, 1, 1

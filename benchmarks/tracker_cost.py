@@ -98,7 +98,8 @@ def child_main(args) -> None:
     from vocseg.config import TrainConfig
 
     cfg = TrainConfig(recipe="tracker-cost", run_name=Path(args.out).name, output_dir=args.out, seed=0,
-                      data_root=args.tree, train_split="train", val_split="val", cache_dir=str(Path(args.tree) / "cache"),
+                      data_root=args.tree, train_split="train", val_split="val",
+                      cache_dir=str(Path(args.tree) / "cache"),
                       model="segformer-b0", crop_size=args.crop_size, per_device_train_batch_size=4, num_workers=0,
                       optimizer="adamw", learning_rate=1e-3, max_train_steps=args.steps,
                       eval_steps=max(1, args.steps // 2), checkpointing_steps=args.steps, logging_steps=1,
@@ -158,17 +159,19 @@ def main(argv=None) -> int:
             for variant in order:
                 result = measure(variant, args, workdir)
                 runs[variant].append(result)
-                print(f"  [{repeat + 1}] {variant:16s} wall {result['wall']:6.1f} s (train() {result['train_s']:5.1f} s, "
+                print(f"  [{repeat + 1}] {variant:16s} wall {result['wall']:6.1f} s "
+                      f"(train() {result['train_s']:5.1f} s, "
                       f"tracker close {result['close_s']:4.1f} s), peak RSS {result['rss'] / 2**30:5.2f} GiB, "
                       f"PSS {result['pss'] / 2**30:5.2f} GiB, {result['processes']} process(es)", flush=True)
 
     best = {v: {key: min(r[key] for r in rs) for key in ("wall", "train_s", "close_s", "rss", "pss")} | {
         "processes": max(r["processes"] for r in rs)} for v, rs in runs.items()}
     base = best.get("none")
-    print(f"\n| tracker | wall s | vs none | tracker close s | peak tree RSS GiB | vs none | peak tree PSS GiB | vs none "
-          f"| processes |\n|---|---|---|---|---|---|---|---|---|")
+    header = ("tracker", "wall s", "vs none", "tracker close s", "peak tree RSS GiB", "vs none", "peak tree PSS GiB",
+              "vs none", "processes")
+    print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
     for variant, b in best.items():
-        def delta(key, scale=1.0, unit=""):
+        def delta(key, scale=1.0, unit="", b=b, variant=variant):
             return f"{(b[key] - base[key]) / scale:+.2f}{unit}" if base and variant != "none" else "-"
         print(f"| {variant} | {b['wall']:.1f} | {delta('wall', unit=' s')} | {b['close_s']:.1f} | "
               f"{b['rss'] / 2**30:.2f} | {delta('rss', 2**30)} | {b['pss'] / 2**30:.2f} | {delta('pss', 2**30)} | "

@@ -443,7 +443,8 @@ def main(argv=None) -> int:
                   f"{ours['median']:9.4f} / {ours['spread']:6.1%}    {bare['median']:9.4f} / {bare['spread']:6.1%} "
                   f"{used:>10s}   {'OK' if ok else 'OVER'} (<= {TARGET_OVERHEAD:.0%}){flag}")
             robust.append((model, min(r["med"] for r in chosen["ours"]), min(r["med"] for r in chosen["bare"])))
-        print(f"s/step = (stamp[warmup+steps] - stamp[warmup]) / steps; best of the runs used; overhead = ours/bare - 1 "
+        print("s/step = (stamp[warmup+steps] - stamp[warmup]) / steps; best of the runs used; "
+              "overhead = ours/bare - 1 "
               f"on the best;\nmedian and spread = (max - min) / min over the runs used; runs used = the runs during "
               f"which other processes\nkept < {args.quiet_threshold} cores busy (all runs if a contender has none)")
         print("\nrobust view (median single-step time of each run, best of the runs used):")

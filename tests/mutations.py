@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
     bad = [name for name, _, result in rows if result != "caught"]
-    print(f"\n{len(rows) - len(bad)} of {len(rows)} mutations caught" + (f"; NOT caught: {', '.join(bad)}" if bad else ""))
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} mutations caught"
+          + (f"; NOT caught: {', '.join(bad)}" if bad else ""))
     return 1 if bad else 0
 
 

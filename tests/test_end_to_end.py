@@ -32,7 +32,8 @@ def run(command, cwd, env_extra=None, timeout=600):
                     f"{time.monotonic() - start:.0f} s (limit {timeout} s; load average {os.getloadavg()[0]:.1f} "
                     f"on {os.cpu_count()} cores). Last output:\n"
                     f"{output.decode(errors='replace') if isinstance(output, bytes) else output}", pytrace=False)
-    assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, \
+        f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 
@@ -104,7 +105,8 @@ def test_two_process_ddp_training_one_clearml_session_server_overrides_on_all_ra
                         "--per_device_train_batch_size", "2", "--max_train_steps", "40", "--eval_steps", "4",
                         "--checkpointing_steps", "2", "--output_dir", str(out), "--num_debug_samples", "1",
                         processes=2),
-                 cwd=tmp_path, env_extra={"ACCELERATE_USE_CPU": "1", "VOCSEG_TEST_SERVER_OVERRIDES": json.dumps(overrides)})
+                 cwd=tmp_path,
+                 env_extra={"ACCELERATE_USE_CPU": "1", "VOCSEG_TEST_SERVER_OVERRIDES": json.dumps(overrides)})
     results = json.loads((out / "all_results.json").read_text())
     assert results["step"] == 4  # 40 on the command line, 4 from "the server": both ranks stopped at 4
     assert "identical on 2 process(es)" in result.stdout

@@ -104,6 +104,7 @@ def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
                                        optimizer="sgd", learning_rate=0.01, max_train_steps=4, eval_steps=2,
                                        checkpointing_steps=4, per_device_train_batch_size=2, max_grad_norm=1.0))
     written = json.loads((out / "all_results.json").read_text())
+    assert results["step"] == written["step"] == 4
     for key in ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy", "eval_per_category_iou", "step",
                 "epoch", "best_eval_mean_iou", "best_step"):
         assert key in written, key

@@ -2,7 +2,6 @@
 
 import io
 
-import albumentations as A
 import datasets
 import numpy as np
 import pytest
@@ -12,8 +11,13 @@ from PIL import Image
 from vocseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from vocseg.data.dataset import FEATURES
 from vocseg.data.synthetic import add_void_border, save_palette_png
-from vocseg.data.transforms import (build_eval_augment, build_train_augment, collate, normalize_on_device,
-                                    with_augmentation)
+from vocseg.data.transforms import (
+    build_eval_augment,
+    build_train_augment,
+    collate,
+    normalize_on_device,
+    with_augmentation,
+)
 
 # A colour per label value that survives bilinear interpolation between equal neighbours.
 COLOUR = np.random.default_rng(0).integers(30, 256, size=(256, 3)).astype(np.uint8)

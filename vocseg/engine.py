@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
@@ -351,7 +352,8 @@ def train(cfg: TrainConfig) -> dict:
             if every(state.step, cfg.logging_steps) or state.step == total_steps:
                 log_train(accelerator, reporter, state, window, optimizer, parts, grad_norm)
             if every(state.step, cfg.eval_steps) or state.step == total_steps:
-                last_eval = run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, state, mean, std, output_dir)
+                last_eval = run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, state, mean, std,
+                                           output_dir)
             if every(state.step, cfg.checkpointing_steps) or state.step == total_steps:
                 path = save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
                 logger.info(f"checkpoint saved: {path}")
@@ -376,7 +378,8 @@ def train(cfg: TrainConfig) -> dict:
         logger.info(f"stopped by a signal at step {state.step}; checkpoint saved. Resume with "
                     f"--output_dir {output_dir} --resume_from_checkpoint latest")
     elif last_eval is None:  # resumed at the very end: score once so results exist
-        last_eval = run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, state, mean, std, output_dir)
+        last_eval = run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, state, mean, std,
+                                   output_dir)
 
     results = {}
     if last_eval is not None and not interrupted:
@@ -446,7 +449,7 @@ def run_evaluation(cfg, accelerator, reporter, model, val_loader, val_view, stat
 
 
 @torch.inference_mode()
-def debug_panels(model, val_view, count: int, mean, std, device) -> list[tuple[str, "np.ndarray"]]:
+def debug_panels(model, val_view, count: int, mean, std, device) -> list[tuple[str, np.ndarray]]:
     """image | truth | prediction | overlay for the first `count` val images: the same ids at every eval.
 
     Uses the unwrapped model on the main process only: a DDP forward would wait for the other ranks.
@@ -459,7 +462,8 @@ def debug_panels(model, val_view, count: int, mean, std, device) -> list[tuple[s
         pixels = example["pixel_values"][None].to(device)
         logits = model(normalize_on_device(pixels, mean, std), output_size=example["labels"].shape)["logits"]
         image = example["pixel_values"].permute(1, 2, 0).numpy()
-        panels.append((example["id"], sample_panel(image, example["labels"].numpy(), logits[0].argmax(0).cpu().numpy())))
+        prediction = logits[0].argmax(0).cpu().numpy()
+        panels.append((example["id"], sample_panel(image, example["labels"].numpy(), prediction)))
     model.train(was_training)
     return panels
 
