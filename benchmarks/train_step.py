@@ -371,7 +371,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.warmup, args.batch_size, args.crop_size, args.repeats = 2, 1, 2, 32, 1
-        args.num_train, args.wait_quiet, args.logging_steps = 8, 0, 1
+        args.num_train, args.wait_quiet, args.logging_steps, args.threads = 8, 0, 1, 1
     if args.malloc_tuned and any(os.environ.get(k) != v for k, v in MALLOC_TUNING.items()):
         # glibc reads these at start-up only: start again with them set
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_TUNING})

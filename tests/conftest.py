@@ -1,6 +1,7 @@
 import shutil
 
 import pytest
+from accelerate.state import AcceleratorState
 
 from vocseg.data.synthetic import make_synthetic_tree
 
@@ -25,3 +26,12 @@ def tree_copy(synthetic_tree, tmp_path):
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def fresh_accelerator_state(monkeypatch):
+    """Each in-process run builds its own Accelerator (mixed precision may differ between tests)."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

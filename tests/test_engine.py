@@ -14,15 +14,10 @@ from vocseg.checkpoint import list_checkpoints
 from vocseg.config import ConfigError, TrainConfig, load_recipe, parse_config
 from vocseg.constants import VOC_CLASSES
 from vocseg.models import build_model, load_model
+from tests.helpers.scalars import tensorboard_scalars
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state(monkeypatch):
-    """Each in-process run builds its own Accelerator (mixed precision may differ between tests)."""
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def tiny_config(tree, out, cache, **overrides) -> TrainConfig:
@@ -129,18 +124,6 @@ def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
                         batch_size=1, collate_fn=collate)
     matrix = engine.evaluate(exported, loader, accelerator, exported.image_mean, exported.image_std)
     assert engine.eval_results(matrix)["eval_mean_iou"] == best["eval_mean_iou"]
-
-
-def tensorboard_scalars(out) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars = {}
-    for folder in sorted({f.parent for f in out.rglob("events.out.tfevents.*")}):
-        events = EventAccumulator(str(folder))
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
-    return scalars
 
 
 def watch_built_model(monkeypatch, on_model):
@@ -291,3 +274,18 @@ def test_zero_interval_turns_periodic_actions_off():
 def test_none_on_the_command_line_clears_a_recipe_value():
     cfg = parse_config(["--config", "segformer_b2_voc_aug", "--max_train_steps", "none", "--num_train_epochs", "3"])
     assert cfg.max_train_steps is None and cfg.num_train_epochs == 3
+
+
+def test_vocseg_train_command_trains_from_a_recipe_name(synthetic_tree, tmp_path, capsys):
+    """`vocseg train` (the console script of an installed package) = train.py: recipe by name, flags on top."""
+    from vocseg.cli.train import main
+
+    tree, _ = synthetic_tree
+    out = tmp_path / "cli"
+    assert main(["--config", "demo", "--data_root", str(tree), "--cache_dir", str(tmp_path / "cache"),
+                 "--output_dir", str(out), "--max_train_steps", "1", "--eval_steps", "1", "--crop_size", "32",
+                 "--per_device_train_batch_size", "2", "--num_workers", "0", "--max_eval_samples", "1",
+                 "--tracker", "none"]) == 0
+    assert json.loads((out / "all_results.json").read_text())["step"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["recipe"] == "demo"
+    assert "Finished 1 steps" in capsys.readouterr().out

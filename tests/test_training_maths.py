@@ -20,17 +20,13 @@ from vocseg.config import TrainConfig
 from vocseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from vocseg.models import build_model
 from vocseg.optim import build_optimizer, build_scheduler
+from tests.helpers.scalars import tensorboard_scalars as logged_scalars
 from tests.toys import toy_model, write_flat_tree
 
 GROUPS = ("backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state(monkeypatch):
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +61,6 @@ def train_toy(cfg: TrainConfig, monkeypatch, dtype=torch.float64):
     results = engine.train(cfg)
     AcceleratorState._reset_state(reset_partial_state=True)
     return initial, model, results
-
-
-def logged_scalars(out) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars = {}
-    for folder in sorted({f.parent for f in out.rglob("events.out.tfevents.*")}):
-        events = EventAccumulator(str(folder))
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
-    return scalars
 
 
 def expected_lr(step: int, base: float, warmup: int, total: int, power: float, min_lr: float) -> float:
