@@ -86,24 +86,37 @@ def measure(variant: str, args, workdir: Path) -> dict:
 
 
 def child_main(args) -> None:
-    """One training run in this process; writes OUT.json: seconds in train() and in the tracker's close."""
+    """One training run in this process; writes OUT.json: seconds in train(), in Task.init and in the tracker's
+    close (timed around the SDK call and vocseg's Reporter.close)."""
     import contextlib
     import io
 
-    if args.child == "clearml-default":
-        from clearml import Task
-
-        real_init = Task.__dict__["init"]
-
-        def init_with_sdk_default(cls, *a, **k):  # undo vocseg's offline setting: ClearML's Linux default
-            Task._report_subprocess_enabled = True
-            return real_init.__func__(cls, *a, **k)
-
-        Task.init = classmethod(init_with_sdk_default)
+    from clearml import Task
 
     import vocseg.engine as engine
     from vocseg.config import TrainConfig
+    from vocseg.tracking import Reporter
 
+    seconds = {"init_s": 0.0, "close_s": 0.0}
+
+    def timed(function, key):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return function(*a, **k)
+            finally:
+                seconds[key] += time.perf_counter() - start
+        return wrapper
+
+    real_init = Task.__dict__["init"].__func__
+
+    def init(cls, *a, **k):
+        if args.child == "clearml-default":  # undo vocseg's offline setting: ClearML's Linux default
+            Task._report_subprocess_enabled = True
+        return real_init(cls, *a, **k)
+
+    Task.init = classmethod(timed(init, "init_s"))
+    Reporter.close = timed(Reporter.close, "close_s")
     cfg = TrainConfig(recipe="tracker-cost", run_name=Path(args.out).name, output_dir=args.out, seed=0,
                       data_root=args.tree, train_split="train", val_split="val",
                       cache_dir=str(Path(args.tree) / "cache"),
@@ -111,24 +124,10 @@ def child_main(args) -> None:
                       optimizer="adamw", learning_rate=1e-3, max_train_steps=args.steps,
                       eval_steps=max(1, args.steps // 2), checkpointing_steps=args.steps, logging_steps=1,
                       num_debug_samples=2, tracker="none" if args.child == "none" else "clearml")
-    closing = {"seconds": 0.0}
-    from vocseg.tracking import Reporter
-
-    real_close = Reporter.close
-
-    def timed_close(self):
-        start = time.perf_counter()
-        try:
-            return real_close(self)
-        finally:
-            closing["seconds"] += time.perf_counter() - start
-
-    Reporter.close = timed_close
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         engine.train(cfg)
-    Path(f"{args.out}.json").write_text(json.dumps({"train_s": time.perf_counter() - start,
-                                                    "close_s": closing["seconds"]}))
+    Path(f"{args.out}.json").write_text(json.dumps({"train_s": time.perf_counter() - start, **seconds}))
 
 
 def main(argv=None) -> int:
@@ -167,22 +166,22 @@ def main(argv=None) -> int:
                 result = measure(variant, args, workdir)
                 runs[variant].append(result)
                 print(f"  [{repeat + 1}] {variant:16s} wall {result['wall']:6.1f} s, CPU {result['cpu']:6.1f} s "
-                      f"(train() {result['train_s']:5.1f} s, "
+                      f"(train() {result['train_s']:5.1f} s, Task.init {result['init_s']:4.1f} s, "
                       f"tracker close {result['close_s']:4.1f} s), peak RSS {result['rss'] / 2**30:5.2f} GiB, "
                       f"PSS {result['pss'] / 2**30:5.2f} GiB, {result['processes']} process(es)", flush=True)
 
-    best = {v: {key: min(r[key] for r in rs) for key in ("wall", "cpu", "train_s", "close_s", "rss", "pss")} | {
-        "processes": max(r["processes"] for r in rs)} for v, rs in runs.items()}
+    keys = ("wall", "cpu", "train_s", "init_s", "close_s", "rss", "pss")
+    best = {v: {key: min(r[key] for r in rs) for key in keys} | {"processes": max(r["processes"] for r in rs)}
+            for v, rs in runs.items()}
     base = best.get("none")
-    header = ("tracker", "wall s", "vs none", "CPU s", "vs none", "tracker close s", "peak tree RSS GiB", "vs none",
-              "peak tree PSS GiB", "vs none", "processes")
+    header = ("tracker", "wall s", "vs none", "CPU s", "vs none", "Task.init s", "tracker close s",
+              "peak tree RSS GiB", "vs none", "peak tree PSS GiB", "vs none", "processes")
     print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
     for variant, b in best.items():
         def delta(key, scale=1.0, unit="", b=b, variant=variant):
             return f"{(b[key] - base[key]) / scale:+.2f}{unit}" if base and variant != "none" else "-"
         print(f"| {variant} | {b['wall']:.1f} | {delta('wall', unit=' s')} | {b['cpu']:.1f} | "
-              f"{delta('cpu', unit=' s')} | "
-              f"{b['close_s']:.1f} | "
+              f"{delta('cpu', unit=' s')} | {b['init_s']:.1f} | {b['close_s']:.1f} | "
               f"{b['rss'] / 2**30:.2f} | {delta('rss', 2**30)} | {b['pss'] / 2**30:.2f} | {delta('pss', 2**30)} | "
               f"{b['processes']} |")
     print(f"best wall time, CPU time (user + system of the run and the processes it reaped) and lowest peaks of "

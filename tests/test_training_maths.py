@@ -23,10 +23,9 @@ from vocseg.optim import build_optimizer, build_scheduler
 from tests.helpers.scalars import tensorboard_scalars as logged_scalars
 from tests.toys import toy_model, write_flat_tree
 
-GROUPS = ("backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay")
-
-
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
+
+GROUPS = ("backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def toy_config(tree, out, **overrides) -> TrainConfig:
                   optimizer="sgd", momentum=0.9, learning_rate=0.1, head_lr_mult=10.0, weight_decay=0.0,
                   lr_warmup_steps=0, poly_power=0.9, min_learning_rate=0.0, max_train_steps=2, eval_steps=0,
                   checkpointing_steps=0, logging_steps=1, max_eval_samples=1, output_dir=str(out),
-                  cache_dir=str(out.parent / "cache"), seed=0, recipe="maths", tracker="none")
+                  cache_dir=str(tree / "cache"), seed=0, recipe="maths", tracker="none")
     values.update(overrides)
     return TrainConfig(**values)
 
