@@ -3,6 +3,7 @@ exact whether one process or two share the split. One trained demo run is shared
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,15 +24,20 @@ def run(command, cwd, env_extra=None, timeout=600):
     for name in ("DATASET_PATH", "SBD_DATASET_PATH", "CLEARML_API_HOST", "CLEARML_OFFLINE_MODE", "CLEARML_TASK_ID"):
         env.pop(name, None)
     start = time.monotonic()
+    # Its own process group: on a timeout the processes `accelerate launch` started go too, not only the launcher
+    # (an orphaned trainer would keep a busy machine busy for the tests that follow).
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as expired:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, _ = process.communicate()
         # A busy machine, not a crash: say so, with what ran and how far it got.
-        output = (expired.stdout or b"")[-2000:]
         pytest.fail(f"too slow on this machine: {' '.join(map(str, command))} was still running after "
                     f"{time.monotonic() - start:.0f} s (limit {timeout} s; load average {os.getloadavg()[0]:.1f} "
-                    f"on {os.cpu_count()} cores). Last output:\n"
-                    f"{output.decode(errors='replace') if isinstance(output, bytes) else output}", pytrace=False)
+                    f"on {os.cpu_count()} cores). Last output:\n{stdout[-2000:]}", pytrace=False)
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, \
         f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
