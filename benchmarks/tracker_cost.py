@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         child_main(args)
         return 0
     if args.smoke:
-        args.steps, args.crop_size, args.repeats, args.variants = 2, 32, 1, ["none", "clearml"]
+        args.steps, args.crop_size, args.repeats, args.variants = 2, 32, 1, ["clearml"]  # the tracked path
 
     sys.path.insert(0, str(REPO))
     from vocseg.data.synthetic import make_synthetic_tree
