@@ -22,6 +22,7 @@ table reports the best of the repeats (as timeit does) and the ratios use it; th
 range are shown beside it, and a configuration whose runs spread by more than 25% is flagged.
 
     python benchmarks/data_pipeline.py --num-images 200 --crop-size 512 --workers 0 1 2 --batch-size 8 --epochs 2
+    python benchmarks/data_pipeline.py --smoke     # seconds: does it still run (CI)
 """
 
 from __future__ import annotations
@@ -148,7 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5,
                         help="interleaved repetitions; the best is reported, with median and range")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: CI runs it to catch a crash; "
+                        "its figures mean nothing and never fail it")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_images, args.crop_size, args.workers, args.batch_size = 8, 64, [0], 4
+        args.epochs, args.batches, args.repeats = 1, None, 1
 
     datasets.disable_progress_bars()
     t0 = time.perf_counter()
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             tree = Path(args.tree)
         else:
             tree = Path(tmp) / "tree"
-            make_synthetic_tree(tree, num_train=args.num_images, num_val=1, seed=args.seed, scale=1.0)
+            make_synthetic_tree(tree, num_train=args.num_images, num_val=1, seed=args.seed,
+                                scale=0.3 if args.smoke else 1.0)
         cache_dir = args.cache_dir or str(Path(tmp) / "cache")
         dataset = load_split(args.split, data_root=tree, cache_dir=cache_dir)
         if not args.tree and len(dataset) > args.num_images:
@@ -170,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{int(np.median(sizes[:, 0]))} px median, {np.mean([len(b) for b in jpegs]) / 1024:.0f} KiB JPEG mean; "
               f"crop {args.crop_size}, batch {args.batch_size}, "
               + (f"{args.batches} timed batches" if args.batches else f"{args.epochs} epochs")
-              + f", {args.repeats} repeats, baseline augment: {args.baseline_augment}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
+              + f", {args.repeats} repeats, baseline augment: {args.baseline_augment}; {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.2f}, "
               f"torch threads {torch.get_num_threads()}, cv2 threads {cv2.getNumThreads()}; "
               f"setup {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -191,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
                     view, collate_fn = views[pipeline]
                     r = time_loader(view, collate_fn, workers, args.batch_size, args.epochs, args.batches, args.seed)
                     runs.setdefault((pipeline, workers), []).append(r["rate"])
-                    print(f"  [{repeat + 1}/{args.repeats}] {pipeline:<9} workers={workers}  {r['rate']:8.1f} samples/s "
+                    print(f"  [{repeat + 1}/{args.repeats}] {pipeline:<9} workers={workers}  "
+                          f"{r['rate']:8.1f} samples/s "
                           f"({r['samples']} samples in {r['seconds']:.1f}s)", flush=True)
         results = {key: max(rates) for key, rates in runs.items()}
         ceiling = {"rate": results.pop(("decode-only", 1))}
@@ -218,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{names.get(name, name):<24} {workers:>7} {rate:>10.1f} "
               f"{f'{np.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}){flag}':>22} "
               f"{(f'{vs_base:.2f}x' if vs_base else '-'):>12} {vs_ceiling * 100:>20.0f}%")
-    print(f"samples/s: best of {args.repeats}; ratios from the best; per worker / ceiling = samples/s / max(1, workers) "
+    print(f"samples/s: best of {args.repeats}; ratios from the best; "
+          "per worker / ceiling = samples/s / max(1, workers) "
           f"/ decode-only samples/s; load average now {os.getloadavg()[0]:.2f}")
     if noisy:
         print("* runs of this configuration spread by more than 25%: other processes were competing for the CPUs")

@@ -11,6 +11,7 @@ To keep generation cheap, N maps cycle through a pool of distinct random maps; (
 and keeps every one of the N maps, as an evaluation loop would.
 
     python benchmarks/eval_metric.py --num-maps 512 --height 375 --width 500
+    python benchmarks/eval_metric.py --smoke       # seconds: does it still run (CI)
 """
 
 from __future__ import annotations
@@ -144,7 +145,12 @@ def main(argv=None):
         help="torch intra-op threads; 1 by default because one map is too small to split well and "
         "OpenMP threads on a busy machine make timings erratic (0 = torch's default)",
     )
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, seconds: CI runs it to catch a crash; "
+                        "its figures mean nothing and never fail it")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_maps, args.height, args.width, args.pool, args.repeat = 8, 48, 64, 4, 1
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -185,7 +191,8 @@ def main(argv=None):
     rows = [(name, best[name], traced_peak(fn, maps, args.num_maps), rss[name]) for name, fn in methods]
 
     ours_seconds = rows[0][1]
-    header = f"{'method':44s} {'seconds':>8s} {'maps/s':>8s} {'x ours':>7s} {'tracemalloc peak':>17s} {'RSS peak delta':>15s}"
+    header = (f"{'method':44s} {'seconds':>8s} {'maps/s':>8s} {'x ours':>7s} {'tracemalloc peak':>17s} "
+              f"{'RSS peak delta':>15s}")
     print(header)
     print("-" * len(header))
     for name, seconds, traced, rss in rows:

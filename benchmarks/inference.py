@@ -2,6 +2,7 @@
 
     python benchmarks/inference.py                       # CPU-sized defaults: 250x188 images, 256/171 windows
     python benchmarks/inference.py --height 375 --width 500 --crop 512 --stride 341   # VOC's real sizes
+    python benchmarks/inference.py --smoke               # seconds: does it still run (CI)
 
 Images are random VOC-shaped tensors (the cost does not depend on the content) scored one at a time, as
 `vocseg evaluate` does; randomly initialised models (the weights do not change the cost either). Modes:
@@ -59,7 +60,14 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, seconds: CI runs it to catch a crash; "
+                        "its figures mean nothing and never fail it")
     args = parser.parse_args()
+    if args.smoke:
+        # SegFormer needs >= 32 px a side (its first stage reduces attention keys with an 8x8 kernel at 1/4 size)
+        args.height, args.width, args.crop, args.stride, args.num_images, args.repeats = 64, 64, 64, 48, 1, 1
+        args.threads = 1  # a smoke run shares CI machines: no OpenMP threads spinning against other jobs
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images = [torch.randn(1, 3, args.height, args.width) for _ in range(args.num_images)]

@@ -65,3 +65,12 @@ def vocseg_logger_as_it_was():
     yield
     logger.handlers[:], logger.propagate = saved[0], saved[1]
     logger.setLevel(saved[2])
+
+
+@pytest.fixture
+def fresh_accelerator_state(monkeypatch):
+    """Each in-process run builds its own Accelerator (mixed precision may differ between tests)."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

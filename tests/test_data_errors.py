@@ -1,5 +1,7 @@
 """Every kind of bad input gives one clear error naming the file; `skip` leaves it out and reports it."""
 
+import json
+
 import numpy as np
 import pytest
 import scipy.io
@@ -118,12 +120,35 @@ def test_missing_root_and_split_file(tree_copy, cache_dir, monkeypatch):
         load_split("test", data_root=tree_copy, cache_dir=cache_dir)
 
 
+def check_data_table(out: str) -> dict[str, dict]:
+    """The split table of `check-data`'s report: {split: {"found": int, "official": str, "bad": str}}."""
+    lines = out.splitlines()
+    header = lines.index(next(line for line in lines if line.split()[:4] == ["split", "found", "official", "bad"]))
+    table = {}
+    for line in lines[header + 1:]:
+        cells = line.split()
+        if len(cells) < 4 or not cells[1].isdigit():
+            break
+        table[cells[0]] = {"found": int(cells[1]), "official": cells[2], "bad": cells[3]}
+    return table
+
+
 def test_check_data_cli(tree_copy, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["vocseg", "check-data", "--data_root", str(tree_copy),
                                      "--sbd_root", str(tree_copy / "benchmark_RELEASE")])
     assert vocseg_main() == 0
     out = capsys.readouterr().out
-    assert "train_aug" in out and "10582" in out and "result: OK" in out
+    assert "result: OK" in out
+    # Each count is read from its own column and recomputed from the tree's split files.
+    manifest = json.loads((tree_copy / "synthetic_manifest.json").read_text())
+    train_aug = (set(manifest["train"]) | set(manifest["sbd_train"]) | set(manifest["sbd_val"])) - set(manifest["val"])
+    expected = {"train": len(manifest["train"]), "val": len(manifest["val"]),
+                "trainval": len(manifest["train"]) + len(manifest["val"]), "sbd_train": len(manifest["sbd_train"]),
+                "sbd_val": len(manifest["sbd_val"]), "train_aug": len(train_aug)}
+    table = check_data_table(out)
+    assert {split: row["found"] for split, row in table.items()} == expected
+    assert table["train_aug"]["official"] == "10582" and table["train"]["official"] == "1464"
+    assert all(row["bad"] == "0" for row in table.values())
 
     sample_id = _first_train_id(tree_copy)
     _bad_values(tree_copy, sample_id)

@@ -103,7 +103,8 @@ def test_parquet_hub_layout(synthetic_tree, cache_dir, tmp_path, mask_column):
     voc = root / "VOCdevkit" / "VOC2012"
     reference = load_split("val", data_root=root, cache_dir=cache_dir)
     table = datasets.Dataset.from_dict(
-        {"image": [{"bytes": (voc / "JPEGImages" / f"{i}.jpg").read_bytes(), "path": f"{i}.jpg"} for i in reference["id"]],
+        {"image": [{"bytes": (voc / "JPEGImages" / f"{i}.jpg").read_bytes(), "path": f"{i}.jpg"}
+                   for i in reference["id"]],
          mask_column: [{"bytes": (voc / "SegmentationClass" / f"{i}.png").read_bytes(), "path": f"{i}.png"}
                        for i in reference["id"]],
          "id": reference["id"]},

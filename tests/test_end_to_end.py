@@ -3,8 +3,10 @@ exact whether one process or two share the split. One trained demo run is shared
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,23 @@ def run(command, cwd, env_extra=None, timeout=600):
     for name in ("DATASET_PATH", "SBD_DATASET_PATH", "CLEARML_API_HOST", "CLEARML_OFFLINE_MODE", "CLEARML_TASK_ID"):
         env.pop(name, None)
     env = {k: v for k, v in env.items() if v is not None}  # env_extra NAME=None: unset it
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    start = time.monotonic()
+    # Its own process group: on a timeout the processes `accelerate launch` started go too, not only the launcher
+    # (an orphaned trainer would keep a busy machine busy for the tests that follow).
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, _ = process.communicate()
+        # A busy machine, not a crash: say so, with what ran and how far it got.
+        pytest.fail(f"too slow on this machine: {' '.join(map(str, command))} was still running after "
+                    f"{time.monotonic() - start:.0f} s (limit {timeout} s; load average {os.getloadavg()[0]:.1f} "
+                    f"on {os.cpu_count()} cores). Last output:\n{stdout[-2000:]}", pytrace=False)
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    assert result.returncode == 0, \
+        f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 
@@ -116,8 +133,8 @@ def test_two_process_and_one_process_evaluation_are_identical(demo_run, tmp_path
 
 
 def test_two_process_ddp_training_one_clearml_session_server_overrides_on_all_ranks(tmp_path, synthetic_tree):
-    """2 real processes; the main one gets edited values from "the server" (patched Task.connect): both
-    ranks must train with them, and exactly one ClearML session is written."""
+    """2 real processes; the main one gets edited values from "the server" (a replayed edited clone, real
+    Task.connect): both ranks must train with them, and exactly one ClearML session is written."""
     tree, _ = synthetic_tree
     out = tmp_path / "ddp"
     overrides = {"Optim": {"learning_rate": "0.0042"}, "General": {"max_train_steps": "4"}}
@@ -127,7 +144,8 @@ def test_two_process_ddp_training_one_clearml_session_server_overrides_on_all_ra
                         "--per_device_train_batch_size", "2", "--max_train_steps", "40", "--eval_steps", "4",
                         "--checkpointing_steps", "2", "--output_dir", str(out), "--num_debug_samples", "1",
                         processes=2),
-                 cwd=tmp_path, env_extra={"ACCELERATE_USE_CPU": "1", "VOCSEG_TEST_SERVER_OVERRIDES": json.dumps(overrides)})
+                 cwd=tmp_path,
+                 env_extra={"ACCELERATE_USE_CPU": "1", "VOCSEG_TEST_SERVER_OVERRIDES": json.dumps(overrides)})
     results = json.loads((out / "all_results.json").read_text())
     assert results["step"] == 4  # 40 on the command line, 4 from "the server": both ranks stopped at 4
     assert "identical on 2 process(es)" in result.stdout

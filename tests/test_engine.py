@@ -13,16 +13,11 @@ import vocseg.engine as engine
 from vocseg.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from vocseg.config import ConfigError, TrainConfig, load_recipe, parse_config
 from vocseg.constants import VOC_CLASSES
-from vocseg.models import load_model
+from vocseg.models import build_model, load_model
+from tests.helpers.scalars import logged_scalars
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state(monkeypatch):
-    """Each in-process run builds its own Accelerator (mixed precision may differ between tests)."""
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def tiny_config(tree, out, cache, **overrides) -> TrainConfig:
@@ -105,6 +100,7 @@ def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
                                        optimizer="sgd", learning_rate=0.01, max_train_steps=4, eval_steps=2,
                                        checkpointing_steps=4, per_device_train_batch_size=2, max_grad_norm=1.0))
     written = json.loads((out / "all_results.json").read_text())
+    assert results["step"] == written["step"] == 4
     for key in ("eval_mean_iou", "eval_mean_accuracy", "eval_overall_accuracy", "eval_per_category_iou", "step",
                 "epoch", "best_eval_mean_iou", "best_step"):
         assert key in written, key
@@ -139,36 +135,67 @@ def test_results_file_and_exported_deeplab_reload(synthetic_tree, tmp_path):
     assert engine.eval_results(matrix)["eval_mean_iou"] == best["eval_mean_iou"]
 
 
-def test_gradient_accumulation_run(synthetic_tree, tmp_path):
+def watch_built_model(monkeypatch, on_model):
+    """Let a test hook into the model the engine builds (forward hooks, a reference to its weights)."""
+    def build_and_watch(cfg):
+        model = build_model(cfg)  # vocseg.models' own: a second call replaces the first watcher, not wraps it
+        on_model(model)
+        return model
+
+    monkeypatch.setattr(engine, "build_model", build_and_watch)
+
+
+def test_gradient_accumulation_run(synthetic_tree, tmp_path, monkeypatch):
+    """2 micro-batches per optimiser step: 6 training forwards for 3 steps, one epoch, and the schedule
+    advanced once per optimiser step (the lr logged after step s is the poly value at s of 3, not at 2s)."""
     tree, _ = synthetic_tree
     out = tmp_path / "accum"
+    forwards = []
+    watch_built_model(monkeypatch, lambda model: model.register_forward_hook(
+        lambda module, inputs, output: forwards.append(module.training)))
     results = engine.train(tiny_config(tree, out, tmp_path / "cache", per_device_train_batch_size=2,
                                        gradient_accumulation_steps=2, max_train_steps=3, eval_steps=3,
-                                       checkpointing_steps=3, max_eval_samples=2))
+                                       checkpointing_steps=3, max_eval_samples=2, tracker="tensorboard"))
     assert results["step"] == 3
     assert json.loads((out / "all_results.json").read_text())["step"] == 3
     # 12 images / batch 2 = 6 batches per epoch = 3 optimiser steps: exactly one epoch was consumed.
     assert results["epoch"] == 1
+    assert forwards.count(True) == 6
+    lrs = logged_scalars(out)["lr_backbone_decay"]
+    assert lrs == [(s, pytest.approx(1e-3 * (1 - s / 3) ** 0.9, abs=1e-9)) for s in (1, 2, 3)]
 
 
 def test_bf16_run(synthetic_tree, tmp_path, monkeypatch):
+    """bf16 autocast really computes in bf16 (conv outputs are bf16, the loss differs from fp32) and stays close
+    to fp32: the first loss within 1%, the weights after 2 AdamW steps within AdamW's step bound (|update| <=
+    ~lr per step, so two runs from the same start differ by at most ~4 lr)."""
     tree, _ = synthetic_tree
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
-    out = tmp_path / "bf16"
-    seen = set()
-    original_build = engine.build_model
+    runs = {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)  # what `accelerate launch --mixed_precision` sets
+        seen, built = set(), []
 
-    def build_and_watch(cfg):
-        model = original_build(cfg)
-        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-        conv.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
-        return model
+        def watch(model, seen=seen, built=built):
+            conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            conv.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+            built.append(model)
 
-    monkeypatch.setattr(engine, "build_model", build_and_watch)
-    results = engine.train(tiny_config(tree, out, tmp_path / "cache", max_train_steps=2, eval_steps=2,
-                                       checkpointing_steps=2, max_eval_samples=1, crop_size=32))
-    assert seen == {torch.bfloat16}, "the forward did not run under bf16 autocast"
-    assert (out / "all_results.json").exists() and results["step"] == 2
+        watch_built_model(monkeypatch, watch)
+        out = tmp_path / precision
+        results = engine.train(tiny_config(tree, out, tmp_path / "cache", max_train_steps=2, eval_steps=2,
+                                           checkpointing_steps=2, max_eval_samples=1, crop_size=32,
+                                           tracker="tensorboard"))
+        assert (out / "all_results.json").exists() and results["step"] == 2
+        runs[precision] = {"dtypes": seen, "loss": logged_scalars(out)["train_loss"][0][1],
+                           "weights": {k: v.detach().clone() for k, v in built[0].state_dict().items()}}
+    assert runs["bf16"]["dtypes"] == {torch.bfloat16}, "the forward did not run under bf16 autocast"
+    assert runs["no"]["dtypes"] == {torch.float32}
+    fp32, bf16 = runs["no"]["loss"], runs["bf16"]["loss"]
+    assert bf16 != fp32 and abs(bf16 - fp32) <= 0.01 * fp32, (bf16, fp32)
+    differences = [(runs["bf16"]["weights"][k].float() - w.float()).abs().max().item()
+                   for k, w in runs["no"]["weights"].items() if w.is_floating_point()]
+    assert max(differences) > 0 and max(differences) <= 4.1 * 1e-3, max(differences)
 
 
 def test_resume_latest_without_checkpoint_warns_and_starts_at_zero(synthetic_tree, tmp_path, capsys):
@@ -351,3 +378,19 @@ def test_zero_interval_turns_periodic_actions_off():
 def test_none_on_the_command_line_clears_a_recipe_value():
     cfg = parse_config(["--config", "segformer_b2_voc_aug", "--max_train_steps", "none", "--num_train_epochs", "3"])
     assert cfg.max_train_steps is None and cfg.num_train_epochs == 3
+
+
+def test_vocseg_train_command_trains_from_a_recipe_name(synthetic_tree, tmp_path, capsys):
+    """`vocseg train` (the console script of an installed package) = train.py: recipe by name, flags on top."""
+    from vocseg.cli.train import main
+
+    tree, _ = synthetic_tree
+    out = tmp_path / "cli"
+    assert main(["--config", "demo", "--data_root", str(tree), "--cache_dir", str(tmp_path / "cache"),
+                 "--output_dir", str(out), "--max_train_steps", "1", "--lr_warmup_steps", "0", "--eval_steps", "1",
+                 "--crop_size", "32",
+                 "--per_device_train_batch_size", "2", "--num_workers", "0", "--max_eval_samples", "1",
+                 "--tracker", "none"]) == 0
+    assert json.loads((out / "all_results.json").read_text())["step"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["recipe"] == "demo"
+    assert "Finished 1 steps" in capsys.readouterr().out

@@ -254,15 +254,15 @@ def test_evaluate_metric_module_reproduces_the_documented_example(mean_iou_metri
 def test_evaluate_metric_module_equals_confusion_matrix(mean_iou_metric):
     rng = np.random.default_rng(0)
     labels = [rng.integers(0, 21, size) for size in [(37, 50), (50, 37), (20, 20)]]
-    preds = [np.where(rng.random(l.shape) < 0.3, rng.integers(0, 21, l.shape), l) for l in labels]
-    for l in labels:
-        l[rng.random(l.shape) < 0.05] = 255
-    for p, l in zip(preds, labels):  # fed in batches, as add_batch users do
-        mean_iou_metric.add_batch(predictions=[p], references=[l])
+    preds = [np.where(rng.random(label.shape) < 0.3, rng.integers(0, 21, label.shape), label) for label in labels]
+    for label in labels:
+        label[rng.random(label.shape) < 0.05] = 255
+    for p, label in zip(preds, labels):  # fed in batches, as add_batch users do
+        mean_iou_metric.add_batch(predictions=[p], references=[label])
     results = mean_iou_metric.compute(num_labels=21, ignore_index=255)
     matrix = ConfusionMatrix()
-    for p, l in zip(preds, labels):
-        matrix.update(p, l)
+    for p, label in zip(preds, labels):
+        matrix.update(p, label)
     expected = matrix.compute()
     for key in expected:
         np.testing.assert_array_equal(results[key], expected[key])

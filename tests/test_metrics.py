@@ -15,7 +15,8 @@ def _random_maps(seed, shape, num_classes=21, ignore_frac=0.05, noise=0.4):
     """Labels with some 255s, and predictions that agree with them except for `noise` of pixels."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, shape, generator=g)
-    preds = torch.where(torch.rand(shape, generator=g) < noise, torch.randint(0, num_classes, shape, generator=g), labels)
+    noise_labels = torch.randint(0, num_classes, shape, generator=g)
+    preds = torch.where(torch.rand(shape, generator=g) < noise, noise_labels, labels)
     labels[torch.rand(shape, generator=g) < ignore_frac] = 255
     return preds, labels
 

@@ -223,7 +223,8 @@ def test_deeplab_backbone_weights_from_torchvision_classifier_files(tmp_path):
     resnet = torchvision.models.resnet50(weights=None)
     save_file(resnet.state_dict(), str(tmp_path / "resnet50.safetensors"))
     model = build_model(cfg("deeplabv3_resnet50", backbone_weights=str(tmp_path / "resnet50.safetensors")))
-    assert torch.equal(model.inner.backbone.state_dict()["layer4.2.conv3.weight"], resnet.state_dict()["layer4.2.conv3.weight"])
+    key = "layer4.2.conv3.weight"
+    assert torch.equal(model.inner.backbone.state_dict()[key], resnet.state_dict()[key])
 
 
 def test_backbone_weights_with_wrong_keys_name_the_file(tmp_path):

@@ -96,30 +96,58 @@ def test_offline_session_holds_hyperparameters_scalars_plots_and_samples(synthet
     assert all(Path(e["url"]).is_file() for e in images)
 
 
-def test_server_overrides_are_used(synthetic_tree, tmp_path, clearml_env, monkeypatch):
-    """A clone edited in the UI: Task.connect hands back other values (as strings); the run must use them."""
-    from clearml import Task
+@pytest.fixture
+def edited_clone():
+    """`edited_clone(edits)`: the run replays a clone edited in the UI (tests/helpers/clearml_clone.py)."""
+    from tests.helpers.clearml_clone import replay_edited_clone
 
+    undo = []
+    yield lambda edits: undo.append(replay_edited_clone(edits))
+    for step in undo:
+        step()
+
+
+def test_server_overrides_are_used(synthetic_tree, tmp_path, clearml_env, edited_clone):
+    """A clone edited in the UI holds strings; ClearML's real Task.connect (remote branch, no patch) casts them by
+    the connected defaults' types, vocseg converts the rest (None defaults stay strings there), and the run
+    trains with the typed values."""
     tree, _ = synthetic_tree
-    original = Task.connect
-
-    def connect(self, mutable, name=None, *args, **kwargs):
-        connected = original(self, mutable, name, *args, **kwargs)
-        if name == "Optim":
-            connected["learning_rate"] = "0.0123"
-        if name == "General":
-            connected["max_train_steps"] = "3"
-        return connected
-
-    monkeypatch.setattr(Task, "connect", connect)
+    edited_clone({"Optim": {"learning_rate": "0.0123", "max_grad_norm": "0.5", "optimizer": "sgd"},
+                  "General": {"max_train_steps": "3"},  # None by default: ClearML hands back the string "3"
+                  "Data": {"crop_size": "40", "photometric": "true"}, "Model": {"aux_loss": "False"}})
     out = tmp_path / "override"
     results = engine.train(run_config(tree, out, tmp_path / "cache", eval_steps=3, checkpointing_steps=3))
     assert results["step"] == 3
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["learning_rate"] == 0.0123 and saved["max_train_steps"] == 3
+    typed = {key: saved[key] for key in ("learning_rate", "max_grad_norm", "optimizer", "max_train_steps",
+                                         "crop_size", "photometric", "aux_loss", "model", "seed")}
+    assert typed == {"learning_rate": 0.0123, "max_grad_norm": 0.5, "optimizer": "sgd", "max_train_steps": 3,
+                     "crop_size": 40, "photometric": True, "aux_loss": False, "model": "segformer-b0", "seed": 0}
+    assert [type(typed[k]) for k in ("learning_rate", "max_train_steps", "crop_size", "photometric")] == [
+        float, int, int, bool]
     lrs = [e["value"] for e in events(sessions(clearml_env)[0])
            if e.get("metric") == "learning_rate" and e["variant"] == "backbone_decay"]
     assert lrs[0] == pytest.approx(0.0123 * (1 - 1 / 3) ** 0.9, rel=1e-6)  # poly 0.9, after step 1 of 3
+
+
+def test_offline_task_reports_without_a_subprocess(tmp_path, clearml_env):
+    """Offline, ClearML's reporting subprocess would only append to local files: vocseg turns it off."""
+    import psutil
+
+    from vocseg.tracking import Reporter, start_task
+
+    before = set(psutil.Process().children(recursive=True))  # e.g. multiprocessing's resource tracker
+    task, offline = start_task(TrainConfig(run_name="threads", model="segformer-b0"), 1, "no")
+    assert offline
+    children = [p for p in psutil.Process().children(recursive=True) if p not in before]
+    reporter = Reporter(task, offline)
+    for step in range(1, 51):
+        reporter.train(step, {"train_loss": 1.0 / step})
+    zip_path = Path(reporter.close())
+    assert children == [], f"ClearML started {children}"
+    session = zip_path.with_suffix("")
+    losses = [e for e in events(session) if e.get("metric") == "loss"]
+    assert [e["iter"] for e in losses] == list(range(1, 51)) and zip_path.is_file()
 
 
 def test_offline_run_opens_no_network_connection(synthetic_tree, tmp_path, clearml_env, monkeypatch):

@@ -2,7 +2,6 @@
 
 import io
 
-import albumentations as A
 import datasets
 import numpy as np
 import pytest
@@ -12,8 +11,13 @@ from PIL import Image
 from vocseg.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from vocseg.data.dataset import FEATURES
 from vocseg.data.synthetic import add_void_border, save_palette_png
-from vocseg.data.transforms import (build_eval_augment, build_train_augment, collate, normalize_on_device,
-                                    with_augmentation)
+from vocseg.data.transforms import (
+    build_eval_augment,
+    build_train_augment,
+    collate,
+    normalize_on_device,
+    with_augmentation,
+)
 
 # A colour per label value that survives bilinear interpolation between equal neighbours.
 COLOUR = np.random.default_rng(0).integers(30, 256, size=(256, 3)).astype(np.uint8)
@@ -74,10 +78,32 @@ def test_train_augment_keeps_alignment_and_labels(colour_coded):
     assert checked_interior > 10_000 and checked_padding > 1_000
 
 
-def test_photometric_preset_keeps_label_set(colour_coded):
-    view = with_augmentation(colour_coded, build_train_augment(crop_size=48, photometric=True), seed=3)
-    for example in view:
-        assert set(example["labels"].unique().tolist()) <= set(range(21)) | {IGNORE_INDEX}
+def test_photometric_jitter_changes_pixels_with_the_configured_statistics():
+    """ColorJitter(brightness=0.25, ..., p=0.8) on a flat grey image: contrast, saturation and hue leave grey
+    unchanged, so each output is 128 x a brightness factor drawn uniformly from [0.75, 1.25] in 80% of the
+    draws and 128 otherwise. The mask and the geometry are those of the preset without jitter (same seed)."""
+    image = np.full((40, 56, 3), 128, np.uint8)
+    mask = np.zeros((40, 56), np.uint8)
+    mask[10:30, 5:25] = 7
+    jitter = build_train_augment(crop_size=32, scale_range=(0.8, 1.2), photometric=True)
+    plain = build_train_augment(crop_size=32, scale_range=(0.8, 1.2), photometric=False)
+    ratios = []
+    for seed in range(400):
+        jitter.set_random_seed(seed)
+        plain.set_random_seed(seed)
+        out, reference = jitter(image=image, mask=mask), plain(image=image, mask=mask)
+        assert torch.equal(out["mask"], reference["mask"]), "jitter moved or changed the labels"
+        valid = reference["image"].sum(0) > 0  # not padding
+        pixels = out["image"].permute(1, 2, 0)[valid].float()
+        assert (pixels.max(0).values - pixels.min(0).values).max() <= 1, "jitter is not one change per image"
+        ratios.append(pixels.mean().item() / 128)
+    ratios = np.array(ratios)
+    changed = ratios[np.abs(ratios - 1) > 1.5 / 128]
+    # Unchanged: the 20% not jittered, plus the ~4.7% of the 80% whose factor rounds back to 128 (|b - 1| < 1.5/128).
+    assert 0.15 <= 1 - len(changed) / len(ratios) <= 0.33
+    assert changed.min() >= 0.74 and changed.max() <= 1.26, "brightness outside [0.75, 1.25]"
+    assert changed.min() < 0.78 and changed.max() > 1.22, "the brightness range is not used"
+    assert abs(changed.mean() - 1) < 0.03 and abs(changed.std() - 0.5 / 12 ** 0.5) < 0.02  # uniform on [0.75, 1.25]
 
 
 def test_seeded_augmentation_is_a_function_of_seed_epoch_and_id(colour_coded):

@@ -3,6 +3,7 @@
 import sys
 
 COMMANDS = {
+    "train": ("vocseg.cli.train", "train a model, as train.py (accelerate launch -m vocseg train ... for N processes)"),
     "evaluate": ("vocseg.cli.evaluate", "score an exported model on a split (exact mIoU, 1 or N processes)"),
     "predict": ("vocseg.cli.predict", "segment image files / folders: palette PNG masks and overlays"),
     "export": ("vocseg.cli.export", "turn a training checkpoint into the best_model/ format (and push it to the Hub)"),
@@ -10,7 +11,8 @@ COMMANDS = {
     "compare": ("vocseg.cli.compare", "compare runs (offline sessions, task ids): differing hyperparameters, metrics"),
     "clearml-import": ("vocseg.cli.clearml_import", "upload an offline ClearML session (and its best model) to the server"),
     "sweep": ("vocseg.cli.sweep", "ClearML hyperparameter search: clones of a run with sampled values, run by clearml-agent"),
-    "make-synthetic": ("vocseg.data.synthetic", "write a small synthetic VOC/SBD tree (same as python -m vocseg.data.synthetic)"),
+    "make-synthetic": ("vocseg.data.synthetic",
+                       "write a small synthetic VOC/SBD tree (same as python -m vocseg.data.synthetic)"),
 }
 
 

@@ -22,7 +22,14 @@ from transformers import HfArgumentParser
 
 from vocseg.errors import UsageError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _configs_dir() -> Path:
+    """The recipes: installed with the package as vocseg/configs (pip install .), else configs/ of the checkout."""
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
+
+
+CONFIGS_DIR = _configs_dir()
 DEMO_RECIPE = CONFIGS_DIR / "demo.yaml"
 REAL_DATA_RECIPE = CONFIGS_DIR / "deeplabv3_r101_voc_aug.yaml"
 
@@ -139,7 +146,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "Optim", "AdamW beta2")
     lr_warmup_steps: int = _f(0, "Optim", "linear warmup steps")
     poly_power: float = _f(0.9, "Optim", "power of the poly decay (1.0 = linear)")
-    min_learning_rate: float = _f(0.0, "Optim", "learning rate at the last step")
+    min_learning_rate: float = _f(0.0, "Optim", "learning rate of every param group (head too) at the last step")
     gradient_accumulation_steps: int = _f(1, "Optim", "micro-batches per optimiser step")
     max_grad_norm: float | None = _f(None, "Optim", "clip gradients to this norm (none: no clipping)")
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "Optim", "non-finite loss or gradient norm: stop the run "

@@ -266,7 +266,8 @@ def _load_strict(module: nn.Module, state: dict, path, ignore_prefixes: tuple[st
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"weights in {path} do not match {type(module).__name__}: "
-                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
+                         f"{len(missing)} missing keys {missing[:5]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:5]}")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shape mismatches, e.g. a file for another model size

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import get_polynomial_decay_schedule_with_warmup
 
 
 WEIGHT_DECAY_POLICIES = ("all", "no_norm_bias", "no_norm_pos")
@@ -74,14 +73,40 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}: expected sgd or adamw")
 
 
-def build_scheduler(cfg, optimizer, total_steps: int):
-    """Linear warmup from 0, then (1 - t)^power decay to min_learning_rate, one step per optimiser step.
+def poly_warmup_lr(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
+                   power: float) -> float:
+    """The learning rate of a param group whose peak is `base_lr`, after `step` optimiser steps:
 
-    transformers scales every group by the same factor, so the head multiplier is kept throughout.
+        step < warmup:  base_lr * step / warmup                                   (linear from 0)
+        after:          (base_lr - min_lr) * (1 - (step - warmup) / (total - warmup)) ** power + min_lr
+
+    so every group ends at `min_lr` whatever its multiplier: mmseg's PolyLR (mmengine's PolyParamScheduler
+    applies one `eta_min` to every group) after a LinearLR warmup that ends where the poly part begins.
+    """
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    remaining = 1 - (step - warmup_steps) / (total_steps - warmup_steps)
+    return (base_lr - min_lr) * remaining ** power + min_lr
+
+
+def build_scheduler(cfg, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0, then (1 - t)^power decay to min_learning_rate in EVERY param group (the head too),
+    one step per optimiser step (see poly_warmup_lr).
+
+    transformers' get_polynomial_decay_schedule_with_warmup scales all groups by one factor, so a head
+    with head_lr_mult 10 would end at 10 x min_learning_rate: hence one factor per group here.
+    The factors are closures on purpose: LambdaLR does not save functions in its state_dict, so a resumed
+    run follows the schedule of its (possibly edited) config, not the one frozen in the checkpoint.
     The scheduler is deliberately NOT passed to accelerator.prepare: accelerate would step it once
     per process, making the schedule depend on the world size.
     """
-    return get_polynomial_decay_schedule_with_warmup(
-        optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total_steps,
-        lr_end=cfg.min_learning_rate if cfg.min_learning_rate > 0 else 1e-12 * cfg.learning_rate,
-        power=cfg.poly_power)
+    def factor_for(base_lr: float):
+        def factor(step: int) -> float:
+            lr = poly_warmup_lr(step, base_lr, cfg.min_learning_rate, cfg.lr_warmup_steps, total_steps, cfg.poly_power)
+            return lr / base_lr if base_lr else 0.0
+        return factor
+
+    factors = [factor_for(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -49,8 +49,12 @@ class EpochShuffleSampler(Sampler):
 
 
 def sample_sizes(dataset) -> list[tuple[int, int]]:
-    """(height, width) of every sample of a `load_split` dataset, from the PNG mask headers (nothing decoded)."""
+    """(height, width) of every sample of a `load_split` dataset, from the PNG mask headers (nothing decoded);
+    for a plain list of examples (tests, user code), of their `labels`."""
     import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        return [tuple(dataset[i]["labels"].shape[-2:]) for i in range(len(dataset))]
 
     plain = dataset.with_format(None)  # no augmentation transform: just the stored cells
     labels = plain.cast_column("label", datasets.Image(decode=False))["label"]

@@ -32,12 +32,13 @@ def summary_lines(cfg, results: dict) -> list[str]:
         lines.append(f"  curves:      tensorboard --logdir {results['tensorboard_dir']}")
     if results.get("clearml_offline_session"):
         lines.append(f"  ClearML (offline) session: {results['clearml_offline_session']}")
-        lines.append(f"  upload it to a server with: python -m vocseg clearml-import {results['clearml_offline_session']}")
+        lines.append("  upload it to a server with: python -m vocseg clearml-import "
+                     f"{results['clearml_offline_session']}")
     if cfg.synthetic_data:
         lines.append("")
         lines.append("NOTE: this was the SYNTHETIC demo data set (coloured shapes in VOC format), not Pascal VOC.")
-        lines.append("To train on VOC 2012 + SBD:  DATASET_PATH=/data/VOCdevkit SBD_DATASET_PATH=/data/benchmark_RELEASE "
-                     "accelerate launch train.py")
+        lines.append("To train on VOC 2012 + SBD:  DATASET_PATH=/data/VOCdevkit "
+                     "SBD_DATASET_PATH=/data/benchmark_RELEASE accelerate launch train.py")
         lines.append("(or --config configs/deeplabv3_r101_voc_aug.yaml --data_root ... --sbd_root ...)")
     lines.append("=" * 72)
     return lines

@@ -70,6 +70,10 @@ def start_task(cfg: TrainConfig, world_size: int):
     logger.warning(f"ClearML runs offline: {reason}. The session is uploaded later with "
                    "python -m vocseg clearml-import (printed at the end)")
     Task.set_offline(True)  # also turns every request of an abandoned online Task.init into a no-op
+    # ClearML reports from a forked subprocess on Linux (sdk.development.report_use_subprocess, the class
+    # attribute it is read into). Offline it only appends to local files, yet it costs a fork of the whole
+    # trainer (its RSS counted again) and ~10 s at close waiting for it: report from a thread instead.
+    Task._report_subprocess_enabled = False
     task = Task.init(**_init_arguments(cfg, world_size, offline=True))
     record_local_provenance(task)
     return task, True

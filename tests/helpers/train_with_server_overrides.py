@@ -1,7 +1,8 @@
-"""Run train.py as if a ClearML server handed back edited hyperparameters (a clone edited in the UI).
+"""Run train.py as clearml-agent runs a clone whose hyperparameters were edited in the UI (real Task.connect,
+see clearml_clone.py).
 
-Every rank runs this file; only the main process calls Task.connect, so the other ranks can only
-learn the edited values through vocseg's broadcast.
+Every rank runs this file; only the main process creates the task and calls Task.connect, so the other ranks
+can only learn the edited values through vocseg's broadcast.
 """
 
 import json
@@ -9,19 +10,8 @@ import os
 import runpy
 import sys
 
-from clearml import Task
+from clearml_clone import replay_edited_clone  # this file's folder is sys.path[0]
 
-OVERRIDES = json.loads(os.environ["VOCSEG_TEST_SERVER_OVERRIDES"])  # {"Optim": {"learning_rate": "0.0123"}, ...}
-_connect = Task.connect
-
-
-def connect_with_server_values(self, mutable, name=None, *args, **kwargs):
-    connected = _connect(self, mutable, name, *args, **kwargs)
-    for key, value in OVERRIDES.get(name, {}).items():
-        connected[key] = value  # the server returns values as strings
-    return connected
-
-
-Task.connect = connect_with_server_values
+replay_edited_clone(json.loads(os.environ["VOCSEG_TEST_SERVER_OVERRIDES"]))  # {"Optim": {"learning_rate": "0.0123"}}
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -83,7 +83,7 @@ class RandomScaleCrop(A.DualTransform):
         # ratio, and the two must agree for mask and image to stay aligned. Widen the region by up to
         # 3 px a side to the length whose resized size comes closest to a whole number of pixels, so
         # the region's ratio matches the full image's as well as it can.
-        lo, hi = min(((l, h) for l in range(lo, max(0, lo - 3) - 1, -1) for h in range(hi, min(size, hi + 3) + 1)),
+        lo, hi = min(((a, b) for a in range(lo, max(0, lo - 3) - 1, -1) for b in range(hi, min(size, hi + 3) + 1)),
                      key=lambda r: abs((r[1] - r[0]) * ratio - round((r[1] - r[0]) * ratio)))
         resized = max(1, round((hi - lo) * ratio))
         region_ratio = resized / (hi - lo)
