@@ -1,7 +1,7 @@
 """Benchmark the training step of OUR loop (`vocseg.engine.train`) against a BARE PyTorch loop.
 
 Both contenders train the same model (same `build_model`, same seed), on the same batches (the
-DataLoader `vocseg.engine.build_dataloaders` builds: same dataset view, augmentation, sampler and
+DataLoader `vocseg.engine.build_train_loader` builds: same dataset view, augmentation, sampler and
 collate, num_workers=0), with the same optimiser (`vocseg.optim.build_optimizer`: AdamW, four
 parameter groups) and schedule, on the same number of torch threads.
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import inspect
 import io
 import os
 import pstats
@@ -66,7 +65,7 @@ from vocseg.config import TrainConfig  # noqa: E402
 from vocseg.constants import IGNORE_INDEX  # noqa: E402
 from vocseg.data.dataset import load_split  # noqa: E402
 from vocseg.data.synthetic import make_synthetic_tree  # noqa: E402
-from vocseg.data.transforms import normalize_on_device  # noqa: E402
+from vocseg.data.transforms import augments_for, normalize_on_device  # noqa: E402
 from vocseg.models import build_model  # noqa: E402
 from vocseg.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -85,7 +84,7 @@ def make_config(args, model: str, tree: Path, cache: Path, out: Path) -> TrainCo
         recipe="bench", run_name=out.name, output_dir=str(out), seed=args.seed,
         data_root=str(tree), train_split="train", val_split="val", cache_dir=str(cache),
         model=model, crop_size=args.crop_size, per_device_train_batch_size=args.batch_size, num_workers=0,
-        optimizer="adamw", learning_rate=0.002, weight_decay=0.01, lr_warmup_steps=30, poly_power=1.0,
+        optimizer="adamw", learning_rate=0.002, weight_decay=0.01, lr_warmup_steps=min(30, total // 2), poly_power=1.0,
         max_train_steps=total, eval_steps=total, checkpointing_steps=total, logging_steps=1, tracker=args.tracker,
     )
 
@@ -175,22 +174,19 @@ def run_ours(args, model_name: str, tree: Path, cache: Path, out: Path, profile:
     original_log_train = engine.log_train
     original_threads = engine.configure_cpu_threads
 
-    signature = inspect.signature(original_log_train)  # whatever arguments the engine passes this week
-
-    def timed_log_train(*call_args, **call_kwargs):
+    def timed_log_train(run):
         now = time.perf_counter()
-        bound = signature.bind(*call_args, **call_kwargs)
-        state, window = bound.arguments["state"], bound.arguments["window"]
+        state, window = run.state, run.window
         stamps[state.step] = now
         faults[state.step] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         if PHASES:
             PHASES.close(state.step)
-        # window["loss"] accumulates loss.item() of every step since the last real log_train call
+        # window["loss"] sums the (device) losses of every micro-batch since the last real log_train call
         losses.append(float(window["loss"] - previous["loss"]))
         previous["loss"] = window["loss"]
         threads_seen.append(torch.get_num_threads())
         if state.step % args.logging_steps == 0 or state.step == cfg.max_train_steps:
-            original_log_train(*call_args, **call_kwargs)
+            original_log_train(run)
             previous["loss"] = 0.0
 
     def set_threads(accelerator_cpu: bool) -> None:
@@ -233,10 +229,13 @@ def run_bare(args, model_name: str, tree: Path, cache: Path, out: Path) -> dict:
     seed_everything(cfg.seed)  # train() seeds right before build_model too
     model = build_model(cfg)
     mean, std = model.image_mean, model.image_std
-    # The very object the engine hands build_dataloaders, not a stand-in: a stand-in rotted once already (the
+    # The engine's own data functions on a real Accelerator, not a stand-in: a stand-in rotted once already (the
     # engine started calling local_main_process_first). Nothing is prepared: the loader stays a plain DataLoader.
     reset_accelerate()
-    loader, _, sampler, transform, _, _ = engine.build_dataloaders(cfg, Accelerator(cpu=True), mean, std)
+    accelerator = Accelerator(cpu=True)
+    train_set, _ = engine.build_datasets(cfg, accelerator)
+    train_augment, _ = augments_for(cfg, mean, std)
+    loader, sampler, transform = engine.build_train_loader(cfg, accelerator, train_set, train_augment)
     reset_accelerate()
     optimizer = build_optimizer(cfg, model)
     total = cfg.max_train_steps
@@ -247,7 +246,7 @@ def run_bare(args, model_name: str, tree: Path, cache: Path, out: Path) -> dict:
     model.train()
     start = time.perf_counter()
     while step < total:
-        sampler.set_shuffle_epoch(epoch)
+        sampler.set_position(epoch)
         transform.epoch = epoch
         for batch in loader:
             labels = batch["labels"]

@@ -109,6 +109,7 @@ class Run:
     totals: dict = field(default_factory=dict)  # loss / samples / time of this session, for all_results.json
     mean: tuple = (0.0, 0.0, 0.0)  # the model's input normalisation
     std: tuple = (1.0, 1.0, 1.0)
+    parameters: list = field(default_factory=list)  # the trainable parameters, listed once
 
 
 # ----------------------------------------------------------------------------------------------------- setup
@@ -312,7 +313,8 @@ def build_run(cfg: TrainConfig, clearml: Reporter, claim: Claim) -> Run:
     scheduler = build_scheduler(cfg, optimizer, state.total_steps)
     accelerator.register_for_checkpointing(scheduler, state)
     run = Run(cfg, accelerator, model, optimizer, scheduler, train_loader, sampler, transform, val_view, state,
-              Reporters(), output_dir, mean=mean, std=std)
+              Reporters(), output_dir, mean=mean, std=std,
+              parameters=[p for p in model.parameters() if p.requires_grad])
     if claim.resume is not None:
         resume_position(run, Path(claim.resume), planned_total)
     run.reporter = build_reporters(cfg, accelerator, clearml, output_dir)  # last: a failed setup leaves no logs
@@ -396,12 +398,24 @@ def train_micro_step(run: Run, batch: dict) -> None:
         window["accumulated"] = window.get("accumulated", 0) + loss.detach()
         window["aux"] = parts.get("loss_aux")
         if accelerator.sync_gradients:
-            # max_norm inf: the norm is measured (for the logs and divergence checks) without clipping.
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            grad_norm = clip_or_measure_grad_norm(run)
             window["grad_norm"] = grad_norm
             optimizer_step(run, window["accumulated"], grad_norm)
             run.optimizer.zero_grad(set_to_none=True)
             window["accumulated"] = 0
+
+
+def clip_or_measure_grad_norm(run: Run) -> torch.Tensor:
+    """The gradients' total norm (logged, and checked for divergence), clipped when max_grad_norm is set.
+
+    Without clipping only the norm is computed: clip_grad_norm_(inf) would also multiply every gradient by 1.
+    """
+    accelerator, parameters = run.accelerator, run.parameters
+    sharded = accelerator.distributed_type not in ("NO", "MULTI_GPU", "MULTI_CPU")  # FSDP / DeepSpeed: theirs
+    if run.cfg.max_grad_norm or sharded:
+        return accelerator.clip_grad_norm_(parameters, run.cfg.max_grad_norm or float("inf"))
+    accelerator.unscale_gradients()  # fp16: the norm of the true gradients, not of the scaled ones
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
 def optimizer_step(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
