@@ -88,7 +88,8 @@ def measure(batch: dict, augments: dict, repeats: int) -> dict:
             transform(batch)
             rates[name].append(len(batch["id"]) / (time.perf_counter() - start))
     shares = {name: ignored_share(transform, batch) for name, transform in transforms.items()}
-    return {name: {"best": max(r), "median": statistics.median(r), "ignored": shares[name]} for name, r in rates.items()}
+    return {name: {"best": max(r), "median": statistics.median(r), "ignored": shares[name]}
+            for name, r in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

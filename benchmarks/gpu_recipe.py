@@ -69,7 +69,8 @@ def synthetic_labels(batch: int, height: int, width: int, generator: torch.Gener
     return labels.to(device)
 
 
-def synthetic_batches(count: int, batch: int, crop: int, device, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_batches(count: int, batch: int, crop: int, device,
+                      seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, generator=generator).to(device),
              synthetic_labels(batch, crop, crop, generator, device)) for _ in range(count)]
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"benchmark": "gpu_recipe", "recipe": RECIPE, "smoke": args.smoke,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "mixed_precision": args.mixed_precision,
-               "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark, "crop_size": args.crop_size, "batch_per_gpu": args.batch_size,
+               "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
+               "crop_size": args.crop_size, "batch_per_gpu": args.batch_size,
                "decode_head": cfg.decode_head, "resnet_stem": cfg.resnet_stem, "loss_average": cfg.loss_average,
                "parameters_m": round(counts["total"] / 1e6, 2), "eval_protocol": protocol.to_dict(),
                "mmseg_reported_memory_gb_fp32": MMSEG_MEMORY_GB_FP32}

@@ -11,7 +11,7 @@ from accelerate.state import AcceleratorState
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-from vocseg.data.synthetic import make_synthetic_tree
+from vocseg.data.synthetic import make_synthetic_tree  # noqa: E402 (after the thread setting)
 
 
 @pytest.fixture(scope="session")

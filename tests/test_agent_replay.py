@@ -102,7 +102,7 @@ def test_a_single_process_clone_trains_in_its_own_folder_in_the_recorded_precisi
     assert f'"run_folder": "{run.resolve()}"' in out
     assert "set_configuration_object" not in out
     # The best model registered as the whole export folder, in place (no upload destination configured).
-    registered = json.loads(next(line for line in out.splitlines()
-                                 if line.startswith("FAKE-CLEARML update_weights "))[len("FAKE-CLEARML update_weights "):])
+    prefix = "FAKE-CLEARML update_weights "
+    registered = json.loads(next(line for line in out.splitlines() if line.startswith(prefix))[len(prefix):])
     assert registered == {"register_uri": str((run / "best_model").resolve()), "iteration": 2}
     assert 'FAKE-CLEARML set_all_metadata {"mIoU"' in out

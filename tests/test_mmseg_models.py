@@ -62,7 +62,8 @@ def test_mmseg_head_structure_and_initialisation():
     head = ASPPHead(64, channels=32, num_classes=21)
     branches = [m.conv for m in head.aspp_modules]
     assert [(c.kernel_size, c.dilation, c.padding) for c in branches] == [
-        ((1, 1), (1, 1), (0, 0)), ((3, 3), (12, 12), (12, 12)), ((3, 3), (24, 24), (24, 24)), ((3, 3), (36, 36), (36, 36))]
+        ((1, 1), (1, 1), (0, 0)), ((3, 3), (12, 12), (12, 12)),
+        ((3, 3), (24, 24), (24, 24)), ((3, 3), (36, 36), (36, 36))]
     assert all(c.bias is None for c in branches) and head.bottleneck.conv.kernel_size == (3, 3)
     for module in (head, FCNHead(64, channels=32)):
         assert isinstance(module.dropout, nn.Dropout2d) and module.dropout.p == 0.1

@@ -133,7 +133,8 @@ def test_the_sweep_builds_the_optimizer_with_the_ranges_objective_queue_and_budg
 def test_a_bad_parameter_stops_the_sweep_before_any_server_call(monkeypatch, capsys):
     monkeypatch.setattr(sweep, "server_unavailable_reason", lambda: pytest.fail("no server call expected"))
     assert sweep.main(["--task", "t", "--param", "Optim/lr", "log", "1e-4", "1e-1"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --param Optim/lr: 'lr' is not a config key (see python train.py --help)"
+    expected = "error: --param Optim/lr: 'lr' is not a config key (see python train.py --help)"
+    assert capsys.readouterr().err.strip() == expected
 
 
 def test_dry_run_prints_the_space_and_needs_no_server(monkeypatch, capsys):

@@ -242,7 +242,8 @@ def test_script_info_reads_repository_commit_and_uncommitted_diff_locally(tmp_pa
     git("commit", "-q", "-m", "first")
     git("remote", "add", "origin", "https://example.com/team/vocseg.git")
     (repo / "train.py").write_text("print('v2')\n")  # uncommitted
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
 
     info = script_info(repo / "train.py", cwd=repo / "sub")
     assert info.repository == "https://example.com/team/vocseg.git" and info.branch == "main"

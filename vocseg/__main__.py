@@ -9,8 +9,10 @@ COMMANDS = {
     "export": ("vocseg.cli.export", "turn a training checkpoint into the best_model/ format (and push it to the Hub)"),
     "check-data": ("vocseg.data.check", "validate VOC / SBD trees: counts, bad samples, class frequencies"),
     "compare": ("vocseg.cli.compare", "compare runs (offline sessions, task ids): differing hyperparameters, metrics"),
-    "clearml-import": ("vocseg.cli.clearml_import", "upload an offline ClearML session (and its best model) to the server"),
-    "sweep": ("vocseg.cli.sweep", "ClearML hyperparameter search: clones of a run with sampled values, run by clearml-agent"),
+    "clearml-import": ("vocseg.cli.clearml_import",
+                       "upload an offline ClearML session (and its best model) to the server"),
+    "sweep": ("vocseg.cli.sweep",
+              "ClearML hyperparameter search: clones of a run with sampled values, run by clearml-agent"),
     "make-synthetic": ("vocseg.data.synthetic",
                        "write a small synthetic VOC/SBD tree (same as python -m vocseg.data.synthetic)"),
 }

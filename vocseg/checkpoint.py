@@ -99,7 +99,8 @@ def _check_free_space(output_dir: Path, needed: int) -> None:
                        "resume")
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None, run_config: dict | None = None) -> Path:
+def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
+                    run_config: dict | None = None) -> Path:
     """Save on every process (each writes its own RNG state); check space, rename and prune on the main process."""
     output_dir = Path(output_dir)
     final = output_dir / "checkpoints" / checkpoint_name(step)

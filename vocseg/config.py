@@ -199,7 +199,10 @@ def _photometric_mode(value) -> str:
 
 
 def parse_int_list(value, name: str) -> list[int]:
-    """[2048, 512] from a list, a tuple, or the strings ClearML and shells hand back: '[2048, 512]', '2048,512', '2048 512'."""
+    """[2048, 512] from a list, a tuple, or the strings ClearML and shells hand back.
+
+    Accepted strings: '[2048, 512]', '2048,512', '2048 512'.
+    """
     items = value
     if isinstance(value, str):
         items = value.strip().strip("[]()").replace(",", " ").split()
@@ -273,7 +276,7 @@ def default_recipe(argv: list[str] = ()) -> tuple[Path, str]:
 @dataclass
 class ParsedArgs:
     """A parsed command line: the config, the keys the user set (recipe or flags), and where it came from."""
-    cfg: "TrainConfig"
+    cfg: TrainConfig
     explicit: set[str]
     origin: str  # one line for the log: which recipe (or run config) and why
 
@@ -381,7 +384,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 # ------------------------------------------------------------------------------------------------ validation
 
-def validate_config(cfg: "TrainConfig") -> None:
+def validate_config(cfg: TrainConfig) -> None:
     """Refuse impossible values before anything is built: one ConfigError naming the key."""
     from vocseg.models import MODEL_NAMES
 

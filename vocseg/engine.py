@@ -27,7 +27,8 @@ from accelerate.utils import gather_object, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 
 from vocseg.checkpoint import RUN_CONFIG_FILE, list_checkpoints, save_checkpoint
-from vocseg.config import CONFIGS_DIR, TrainConfig, check_warmup, config_from_dict, global_batch_warning, validate_config
+from vocseg.config import (CONFIGS_DIR, TrainConfig, check_warmup, config_from_dict, global_batch_warning,
+                           validate_config)
 from vocseg.constants import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 from vocseg.control import NonFiniteMonitor, StopAgreement, StopRequest
 from vocseg.data import load_split
@@ -277,8 +278,8 @@ def build_reporters(cfg: TrainConfig, accelerator: Accelerator, clearml: Reporte
 def build_run(cfg: TrainConfig, clearml: Reporter, claim: Claim) -> Run:
     """Accelerator, model, data, optimiser, schedule, and the resumed position: everything the loop needs."""
     output_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              project_dir=str(output_dir))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, project_dir=str(output_dir))
     configure_cpu_threads(accelerator.device.type == "cpu")
     batch_warning = global_batch_warning(cfg, accelerator.num_processes)
     if batch_warning:
@@ -339,7 +340,8 @@ def resume_position(run: Run, checkpoint: Path, planned_total: int) -> None:
               state.gradient_accumulation_steps)
     accelerator.load_state(str(checkpoint))
     if state.legacy_batch_in_epoch is not None:  # older checkpoints counted per-process batches
-        state.samples_in_epoch = state.legacy_batch_in_epoch * cfg.per_device_train_batch_size * accelerator.num_processes
+        per_step = cfg.per_device_train_batch_size * accelerator.num_processes
+        state.samples_in_epoch = state.legacy_batch_in_epoch * per_step
         state.legacy_batch_in_epoch = None
         logger.warning(f"{checkpoint} predates sample-exact positions; assuming it was written with this layout")
     if state.samples_in_epoch % layout[0]:
@@ -353,7 +355,8 @@ def resume_position(run: Run, checkpoint: Path, planned_total: int) -> None:
         else:
             logger.warning(f"keeping the run's schedule of {state.total_steps} steps (this session computed "
                            f"{planned_total}: the split's size changed?)")
-    state.global_batch_size, state.num_processes, state.per_device_batch_size, state.gradient_accumulation_steps = layout
+    (state.global_batch_size, state.num_processes, state.per_device_batch_size,
+     state.gradient_accumulation_steps) = layout
     adopt_best_model(run, checkpoint)
     run.last_saved_step = state.step
     logger.info(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, sample {state.samples_in_epoch} "
@@ -753,7 +756,8 @@ def debug_panels(model, val_view, count: int, device) -> list:
         image = example["pixel_values"].permute(1, 2, 0).numpy()
         if image.shape[:2] != tuple(example["labels"].shape):  # resized by the eval protocol: show it at label size
             image = cv2.resize(image, tuple(example["labels"].shape)[::-1], interpolation=cv2.INTER_LINEAR)
-        panels.append((example["id"], sample_panel(image, example["labels"].numpy(), logits[0].argmax(0).cpu().numpy())))
+        prediction = logits[0].argmax(0).cpu().numpy()
+        panels.append((example["id"], sample_panel(image, example["labels"].numpy(), prediction)))
     model.train(was_training)
     return panels
 

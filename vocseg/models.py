@@ -305,9 +305,10 @@ def _load_deeplab_backbone(inner: nn.Module, name: str, path) -> None:
     state = backbone_state(state)
     deep_model, deep_file = hasattr(inner.backbone, "stem"), "stem.0.weight" in state
     if deep_model != deep_file:
-        raise ValueError(f"weights in {path} are for a {'deep' if deep_file else 'plain'}-stem ResNet "
+        file_stem, model_stem = ("deep" if deep_file else "plain"), ("deep" if deep_model else "plain")
+        raise ValueError(f"weights in {path} are for a {file_stem}-stem ResNet "
                          f"({'open-mmlab ResNetV1c' if deep_file else 'torchvision'}), the model has the "
-                         f"{'deep' if deep_model else 'plain'} stem: set resnet_stem {'deep' if deep_file else 'plain'}")
+                         f"{model_stem} stem: set resnet_stem {file_stem}")
     _load_strict(inner.backbone, state, path)
 
 

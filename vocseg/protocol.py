@@ -72,7 +72,7 @@ class ScaleProtocol:
         object.__setattr__(self, "align", int(self.align))
 
     @classmethod
-    def from_values(cls, values) -> "ScaleProtocol":
+    def from_values(cls, values) -> ScaleProtocol:
         """From a mapping or an object with the three config keys; missing keys keep their defaults."""
         get = values.get if isinstance(values, dict) else (lambda key, default=None: getattr(values, key, default))
         found = {key: get(key) for key in PROTOCOL_KEYS if get(key) is not None}
@@ -81,7 +81,7 @@ class ScaleProtocol:
     def to_dict(self) -> dict:
         return {"scale_convention": self.scale_convention, "resize_base": list(self.resize_base), "align": self.align}
 
-    def replace(self, **overrides) -> "ScaleProtocol":
+    def replace(self, **overrides) -> ScaleProtocol:
         """A copy with the overrides that are not None (CLI flags left unset keep the model's protocol)."""
         return ScaleProtocol.from_values({**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
 

@@ -72,7 +72,8 @@ class TensorBoardReporter:
             self.writer.add_scalar(f"{title}/{series}", float(value), step)
 
     def evaluation(self, step: int, results: dict, matrix) -> None:
-        for title, key in (("mIoU", "eval_mean_iou"), ("mAcc", "eval_mean_accuracy"), ("aAcc", "eval_overall_accuracy")):
+        titles = (("mIoU", "eval_mean_iou"), ("mAcc", "eval_mean_accuracy"), ("aAcc", "eval_overall_accuracy"))
+        for title, key in titles:
             if results[key] is not None:
                 self.writer.add_scalar(f"{title}/val", results[key], step)
         for name, iou in results["eval_per_category_iou"].items():

@@ -100,7 +100,7 @@ def acquire_lock(output_dir: Path) -> RunLock:
             hint = "" if holder.get("host") == socket.gethostname() else \
                 f"; if that run is gone, delete {path}"
             raise UsageError(f"{output_dir} is in use by another run ({where}): wait for it or use another "
-                             f"--output_dir{hint}")
+                             f"--output_dir{hint}") from None
     raise UsageError(f"could not take the lock {path}")
 
 

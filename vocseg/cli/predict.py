@@ -57,7 +57,7 @@ def check_large_enough(size: tuple[int, int], min_side: int, smallest_scale: flo
     shortest = min(size) * smallest_scale
     if shortest < min_side:
         needed = min_side / min(size)
-        raise BadInput(f"{size[1]}x{size[0]} px{' at scale %g' % smallest_scale if smallest_scale != 1 else ''} is "
+        raise BadInput(f"{size[1]}x{size[0]} px{f' at scale {smallest_scale:g}' if smallest_scale != 1 else ''} is "
                        f"smaller than the {min_side} px a side {model_name} needs: upscale it, e.g. --scales "
                        f"{math.ceil(needed * 10) / 10:g}")
 
