@@ -8,7 +8,7 @@ from accelerate.state import AcceleratorState
 
 # One thread per process: tiny test models gain nothing from more, and on a busy 2-core machine every extra
 # OpenMP thread makes each small op wait for a descheduled peer (5x slower runs, measured). Subprocesses inherit it.
-os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["OMP_NUM_THREADS"] = os.environ["VOCSEG_CPU_THREADS"] = "1"
 torch.set_num_threads(1)
 
 from vocseg.data.synthetic import make_synthetic_tree  # noqa: E402 (after the thread setting)

@@ -134,18 +134,21 @@ def test_two_process_and_one_process_evaluation_are_identical(demo_run, tmp_path
 
 def test_two_process_ddp_training_one_clearml_session_server_overrides_on_all_ranks(tmp_path, synthetic_tree):
     """2 real processes; the main one gets edited values from "the server" (a replayed edited clone, real
-    Task.connect): both ranks must train with them, and exactly one ClearML session is written."""
+    Task.connect): both ranks must train with them, in the replay's own folder (the one the main process chose),
+    and exactly one ClearML session is written."""
     tree, _ = synthetic_tree
-    out = tmp_path / "ddp"
-    overrides = {"Optim": {"learning_rate": "0.0042"}, "General": {"max_train_steps": "4"}}
+    overrides = {"Optim": {"learning_rate": "0.0042", "lr_warmup_steps": "1"}, "General": {"max_train_steps": "4"}}
     result = run(launch(str(REPO / "tests" / "helpers" / "train_with_server_overrides.py"),
                         str(REPO / "train.py"), "--config", "demo", "--data_root",
                         str(tree), "--cache_dir", str(tmp_path / "cache"), "--crop_size", "48",
                         "--per_device_train_batch_size", "2", "--max_train_steps", "40", "--eval_steps", "4",
-                        "--checkpointing_steps", "2", "--output_dir", str(out), "--num_debug_samples", "1",
-                        processes=2),
+                        "--checkpointing_steps", "2", "--output_dir", str(tmp_path / "recorded"),
+                        "--num_debug_samples", "1", processes=2),
                  cwd=tmp_path,
-                 env_extra={"ACCELERATE_USE_CPU": "1", "VOCSEG_TEST_SERVER_OVERRIDES": json.dumps(overrides)})
+                 env_extra={"ACCELERATE_USE_CPU": "1", "VOCSEG_TEST_SERVER_OVERRIDES": json.dumps(overrides),
+                            "VOCSEG_OUTPUT_ROOT": str(tmp_path / "replays")})
+    [out] = (tmp_path / "replays").iterdir()
+    assert not (tmp_path / "recorded").exists()
     results = json.loads((out / "all_results.json").read_text())
     assert results["step"] == 4  # 40 on the command line, 4 from "the server": both ranks stopped at 4
     assert "identical on 2 process(es)" in result.stdout

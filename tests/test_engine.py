@@ -394,3 +394,28 @@ def test_vocseg_train_command_trains_from_a_recipe_name(synthetic_tree, tmp_path
     assert json.loads((out / "all_results.json").read_text())["step"] == 1
     assert yaml.safe_load((out / "config.yaml").read_text())["recipe"] == "demo"
     assert "Finished 1 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "all"),                                                          # python train.py
+    ({"OMP_NUM_THREADS": "1", "ACCELERATE_DYNAMO_BACKEND": "NO"}, "all"),  # accelerate launch's fallback
+    ({"OMP_NUM_THREADS": "1"}, 1),                                        # chosen outside the launcher
+    ({"OMP_NUM_THREADS": "3", "ACCELERATE_DYNAMO_BACKEND": "NO"}, 3),      # --num_cpu_threads_per_process 3
+    ({"OMP_NUM_THREADS": "1", "ACCELERATE_DYNAMO_BACKEND": "NO", "VOCSEG_CPU_THREADS": "1"}, 1),
+])
+def test_one_cpu_process_uses_every_core_unless_a_count_was_chosen(monkeypatch, env, expected):
+    for name in ("OMP_NUM_THREADS", "ACCELERATE_DYNAMO_BACKEND", "VOCSEG_CPU_THREADS", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 5)  # a count no default produces
+    before = torch.get_num_threads()
+    try:
+        engine.configure_cpu_threads(True)
+        assert torch.get_num_threads() == (5 if expected == "all" else expected)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # N processes: accelerate's per-process count stands
+        torch.set_num_threads(1)
+        engine.configure_cpu_threads(True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

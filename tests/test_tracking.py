@@ -107,24 +107,27 @@ def edited_clone():
         step()
 
 
-def test_server_overrides_are_used(synthetic_tree, tmp_path, clearml_env, edited_clone):
+def test_server_overrides_are_used(synthetic_tree, tmp_path, clearml_env, edited_clone, monkeypatch):
     """A clone edited in the UI holds strings; ClearML's real Task.connect (remote branch, no patch) casts them by
     the connected defaults' types, vocseg converts the rest (None defaults stay strings there), and the run
-    trains with the typed values."""
+    trains with the typed values, in the replay's own folder (never the recorded output_dir)."""
     tree, _ = synthetic_tree
+    monkeypatch.setenv("VOCSEG_OUTPUT_ROOT", str(tmp_path / "replays"))
     edited_clone({"Optim": {"learning_rate": "0.0123", "max_grad_norm": "0.5", "optimizer": "sgd"},
                   "General": {"max_train_steps": "3"},  # None by default: ClearML hands back the string "3"
                   "Data": {"crop_size": "40", "photometric": "true"}, "Model": {"aux_loss": "False"}})
-    out = tmp_path / "override"
-    results = engine.train(run_config(tree, out, tmp_path / "cache", eval_steps=3, checkpointing_steps=3))
+    recorded = tmp_path / "override"
+    results = engine.train(run_config(tree, recorded, tmp_path / "cache", eval_steps=3, checkpointing_steps=3))
     assert results["step"] == 3
+    assert not recorded.exists()
+    [out] = (tmp_path / "replays").iterdir()
     saved = yaml.safe_load((out / "config.yaml").read_text())
     typed = {key: saved[key] for key in ("learning_rate", "max_grad_norm", "optimizer", "max_train_steps",
                                          "crop_size", "photometric", "aux_loss", "model", "seed")}
     assert typed == {"learning_rate": 0.0123, "max_grad_norm": 0.5, "optimizer": "sgd", "max_train_steps": 3,
-                     "crop_size": 40, "photometric": True, "aux_loss": False, "model": "segformer-b0", "seed": 0}
-    assert [type(typed[k]) for k in ("learning_rate", "max_train_steps", "crop_size", "photometric")] == [
-        float, int, int, bool]
+                     "crop_size": 40, "photometric": "jitter", "aux_loss": False, "model": "segformer-b0", "seed": 0}
+    assert [type(typed[k]) for k in ("learning_rate", "max_train_steps", "crop_size", "aux_loss")] == [
+        float, int, int, bool]  # "true" for photometric is the older recipes' spelling of jitter
     lrs = [e["value"] for e in events(sessions(clearml_env)[0])
            if e.get("metric") == "learning_rate" and e["variant"] == "backbone_decay"]
     assert lrs[0] == pytest.approx(0.0123 * (1 - 1 / 3) ** 0.9, rel=1e-6)  # poly 0.9, after step 1 of 3
@@ -137,7 +140,7 @@ def test_offline_task_reports_without_a_subprocess(tmp_path, clearml_env):
     from vocseg.tracking import Reporter, start_task
 
     before = set(psutil.Process().children(recursive=True))  # e.g. multiprocessing's resource tracker
-    task, offline = start_task(TrainConfig(run_name="threads", model="segformer-b0"), 1, "no")
+    task, offline = start_task(TrainConfig(run_name="threads", model="segformer-b0"), 1)
     assert offline
     children = [p for p in psutil.Process().children(recursive=True) if p not in before]
     reporter = Reporter(task, offline)

@@ -375,10 +375,24 @@ def adopt_best_model(run: Run, checkpoint: Path) -> None:
 
 
 def configure_cpu_threads(accelerator_cpu: bool) -> None:
-    """A single CPU process uses every core, unless OMP_NUM_THREADS says otherwise (accelerate launch sets it
-    from --num_cpu_threads_per_process; a busy shared machine is faster with fewer threads than cores)."""
-    if accelerator_cpu and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(os.cpu_count() or 1)
+    """One CPU process uses every core unless told otherwise.
+
+    `accelerate launch` hands its process OMP_NUM_THREADS=1 when it has no better idea (no --cpu, or one physical
+    core): a default, not a choice, and it makes the quick start several times slower on a laptop. A count that
+    was chosen is kept: VOCSEG_CPU_THREADS first, else OMP_NUM_THREADS other than the launcher's fallback (1 can
+    be the right choice on a busy shared machine, where more threads than free cores run slower).
+    """
+    if not accelerator_cpu or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    omp = os.environ.get("OMP_NUM_THREADS")
+    launcher_fallback = omp == "1" and "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by accelerate launch
+    chosen = os.environ.get("VOCSEG_CPU_THREADS") or (None if launcher_fallback else omp)
+    try:
+        threads = int(chosen) if chosen else os.cpu_count() or 1
+    except ValueError:
+        raise UsageError(f"VOCSEG_CPU_THREADS / OMP_NUM_THREADS {chosen!r}: expected a whole number "
+                         "of threads") from None
+    torch.set_num_threads(max(threads, 1))
 
 
 # ----------------------------------------------------------------------------------------------------- steps

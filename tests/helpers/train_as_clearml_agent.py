@@ -99,4 +99,5 @@ clearml.Task.init = staticmethod(init)
 clearml.OutputModel = FakeOutputModel
 os.execv = execv
 sys.argv = [sys.argv[1], *sys.argv[2:]]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python train.py` would set it
 runpy.run_path(sys.argv[0], run_name="__main__")
