@@ -125,6 +125,9 @@ MUTATIONS = (
              (Edit("vocseg/engine.py", "            if stop is not None and stop.requested:\n",
                    "            if False:\n"),),
              (f"{CLUSTER}::test_sigterm_to_the_launcher_during_evaluation",)),
+    Mutation("accelerate's restored micro-batch counter kept on resume",
+             (Edit("vocseg/engine.py", "    accelerator.step = 0\n", ""),),
+             ("tests/test_engine.py::test_resume_with_another_accumulation_starts_each_window_on_a_step_boundary",)),
 )
 
 

@@ -419,3 +419,36 @@ def test_one_cpu_process_uses_every_core_unless_a_count_was_chosen(monkeypatch, 
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_resume_with_another_accumulation_starts_each_window_on_a_step_boundary(synthetic_tree, tmp_path,
+                                                                                 monkeypatch):
+    """accelerate's load_state restores its micro-batch counter, which belongs to the old accumulation: resumed
+    from step 1 (one micro-batch counted) with accumulation 2, the first window would close after one micro-batch."""
+    tree, _ = synthetic_tree
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    original_save = engine.save_checkpoint
+
+    def save_then_crash(accelerator, output_dir, step, limit, run_config=None):
+        original_save(accelerator, output_dir, step, limit, run_config)
+        raise SimulatedCrash
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    with pytest.raises(SimulatedCrash):
+        engine.train(tiny_config(tree, out, cache, max_train_steps=4, checkpointing_steps=1, eval_steps=0))
+    monkeypatch.setattr(engine, "save_checkpoint", original_save)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    micro_batches = []
+    original_step = engine.train_micro_step
+
+    def counted(run, batch):
+        micro_batches.append((run.state.step + 1, len(batch["ids"])))
+        return original_step(run, batch)
+
+    monkeypatch.setattr(engine, "train_micro_step", counted)
+    results = engine.train(tiny_config(tree, out, cache, max_train_steps=4, checkpointing_steps=4, eval_steps=0,
+                                       resume_from_checkpoint="latest", per_device_train_batch_size=2,
+                                       gradient_accumulation_steps=2))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert results["step"] == 4
+    assert micro_batches == [(2, 2), (2, 2), (3, 2), (3, 2), (4, 2), (4, 2)]

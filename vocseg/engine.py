@@ -339,6 +339,9 @@ def resume_position(run: Run, checkpoint: Path, planned_total: int) -> None:
     layout = (state.global_batch_size, state.num_processes, state.per_device_batch_size,
               state.gradient_accumulation_steps)
     accelerator.load_state(str(checkpoint))
+    # load_state restores accelerate's micro-batch counter, which counts in the old accumulation. A checkpoint
+    # sits on an optimiser-step boundary, so this session's first window starts at its first micro-batch.
+    accelerator.step = 0
     if state.legacy_batch_in_epoch is not None:  # older checkpoints counted per-process batches
         per_step = cfg.per_device_train_batch_size * accelerator.num_processes
         state.samples_in_epoch = state.legacy_batch_in_epoch * per_step
