@@ -42,3 +42,5 @@ timeout 200 $LAUNCH --mixed_precision bf16 train.py --config deeplabv3_r101_voc_
   --channels_last --tracker none --num_workers 8 --lr_warmup_steps 0 \
   --output_dir "$OUT/r101" > "$OUT/r101.log" 2>&1
 echo "exit $?"; grep -E "step [0-9]+/|mIoU|error|global batch" "$OUT/r101.log" | tail -n 5
+
+bash benchmarks/gpu_stop_resume.sh

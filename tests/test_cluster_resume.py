@@ -79,7 +79,8 @@ def reference(tmp_path_factory, synthetic_tree):
     tree, _ = synthetic_tree
     root = tmp_path_factory.mktemp("reference")
     out = root / "run"
-    start(recipe(tree, root / "cache", out), root, 2, {"VOCSEG_TEST_ID_LOG": str(root / "ids")})
+    start(recipe(tree, root / "cache", out), root, 2, {"VOCSEG_TEST_ID_LOG": str(root / "ids"),
+                                                        "VOCSEG_TEST_BN_LOG": str(root / "batchnorm")})
     return tree, root, out, ids_per_step(root / "ids"), learning_rates(out)
 
 
@@ -184,3 +185,9 @@ def test_two_process_deeplab_logs_the_miou_of_its_export(reference, tmp_path):
                str(tmp_path / "scores.json")), cwd=REPO)
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["mean_iou"] == pytest.approx(expected["eval_mean_iou"], abs=1e-12)
+    # The mIoU of a briefly trained model can hide a difference in statistics: check them directly. Each rank
+    # trained on its own samples (different statistics before each evaluation); every rank evaluated with rank 0's.
+    ranks = [[json.loads(line) for line in (root / f"batchnorm.rank{r}").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(logged)
+    for rank0, rank1 in zip(*ranks):
+        assert rank0["before"] != rank1["before"] and rank0["before"] == rank0["after"] == rank1["after"]

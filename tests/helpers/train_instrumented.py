@@ -6,6 +6,8 @@ VOCSEG_TEST_SIGNAL_IN_EVAL=1       rank 0 sends SIGTERM to the launcher when the
                                    and every evaluation batch takes 0.5 s longer (a long evaluation)
 VOCSEG_TEST_RANK_CWD=DIR           each rank works in DIR/rank<R>: node-local disks, i.e. an output_dir
                                    that is not shared between the ranks
+VOCSEG_TEST_BN_LOG=PREFIX          append a digest of the BatchNorm running statistics of each rank, before
+                                   and after they are shared for an evaluation, to PREFIX.rank<R>
 
 Usage: python -m accelerate.commands.launch ... tests/helpers/train_instrumented.py train.py ARGS...
 """
@@ -36,6 +38,23 @@ if os.environ.get("VOCSEG_TEST_ID_LOG"):
         return _micro_step(run, batch)
 
     engine.train_micro_step = logged_micro_step
+
+if os.environ.get("VOCSEG_TEST_BN_LOG"):
+    import hashlib
+
+    _share = engine.share_batchnorm_statistics
+
+    def digest(model):
+        buffers = [b for name, b in sorted(model.named_buffers()) if "running_" in name]
+        return hashlib.sha1(b"".join(b.detach().cpu().numpy().tobytes() for b in buffers)).hexdigest()
+
+    def logged_share(model, accelerator):
+        before = digest(model)
+        _share(model, accelerator)
+        with open(f"{os.environ['VOCSEG_TEST_BN_LOG']}.rank{RANK}", "a") as f:
+            f.write(json.dumps({"before": before, "after": digest(model)}) + "\n")
+
+    engine.share_batchnorm_statistics = logged_share
 
 if os.environ.get("VOCSEG_TEST_SIGNAL_AT_STEP"):
     _advance = engine.advance
