@@ -188,3 +188,25 @@ def test_predict_applies_the_models_fit_protocol(run, tmp_path):
     assert predict_cli.main([str(path), "--model", str(tmp_path / "fit_model"), "--out", str(tmp_path / "native"),
                              "--scale_convention", "native", "--align", "1"]) == 0
     assert_same_classes(np.array(Image.open(tmp_path / "native" / "a.png")), model_logits(trained, path))
+
+
+def test_a_batch_out_of_memory_retries_one_by_one_and_fails_only_the_image_that_does_not_fit(run, tmp_path,
+                                                                                              monkeypatch, capsys):
+    _, _, export = run
+    paths = [save(tmp_path / "in" / f"{name}.png", image(64, 64, seed)) for seed, name in enumerate("abc")]
+    real_segment = predict_cli.segment
+    calls = []
+
+    def segment(model, images, device, options, protocol):
+        calls.append(len(images))
+        if len(images) > 1 or images[0].sum() == np.asarray(Image.open(paths[1])).sum():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_segment(model, images, device, options, protocol)
+
+    monkeypatch.setattr(predict_cli, "segment", segment)
+    code = predict_cli.main(["--model", str(export), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                             "--batch_size", "3"])
+    assert code == 1 and calls == [3, 1, 1, 1]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "c.png"]
+    err = capsys.readouterr().err
+    assert f"FAILED {paths[1]}: prediction failed (CUDA out of memory. Tried to allocate 9.00 GiB)" in err

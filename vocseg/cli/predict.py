@@ -111,6 +111,66 @@ def segment(model, images: list[np.ndarray], device, options: dict,
     return list(logits.argmax(1).cpu().numpy())
 
 
+def size_batches(files, out: Path, model, options: dict, args, fail) -> list[list[tuple]]:
+    """Batches of (size, path, output stem) of one size each, read from the headers: a batch needs no padding,
+    which would change the predictions. Files that cannot run are failed here, by name."""
+    sized, claimed = [], {}
+    for path, out_stem in files:
+        try:
+            if out_stem in claimed:
+                raise BadInput(f"its output {out / out_stem}.png would overwrite that of {claimed[out_stem]}")
+            if (out / f"{out_stem}.png").resolve() == path.resolve():
+                raise BadInput("its output would overwrite the input itself: choose another --out")
+            claimed[out_stem] = path
+            size = image_size(path, args.max_megapixels * 1e6)
+            check_large_enough(size, model.min_input_size, min(options["scales"]), model.name)
+            sized.append((size, path, out_stem))
+        except BadInput as error:
+            fail(path, error)
+    sized.sort(key=lambda item: item[0])
+    batches = []
+    for _, same_size in groupby(sized, key=lambda item: item[0]):
+        same_size = list(same_size)
+        batches += [same_size[i:i + args.batch_size] for i in range(0, len(same_size), args.batch_size)]
+    return batches
+
+
+def segment_one_by_one(model, images, paths, device, options: dict, protocol, fail) -> list:
+    """After a batch ran out of memory: one image at a time, failing only those that do not fit."""
+    predictions = []
+    for image, path in zip(images, paths):
+        try:
+            predictions += segment(model, [image], device, options, protocol)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            predictions.append(None)
+            too_big = options["mode"] == "whole" and max(image.shape[:2]) > options["crop_size"]
+            hint = "; try --mode slide" if too_big else ""
+            fail(path, f"prediction failed ({str(error).splitlines()[0][:200]}){hint}")
+    return predictions
+
+
+def predict_batch(batch, model, device, options: dict, protocol, fail) -> list[tuple]:
+    """(image, output stem, prediction or None) for the images of one same-size batch that could be read."""
+    images, stems, paths = [], [], []
+    for (height, width), path, out_stem in batch:
+        try:
+            image = read_image(path)
+            if image.shape[:2] != (height, width):  # never seen; it would break the batch below
+                raise BadInput(f"decoded size {image.shape[:2]} differs from the header's {(height, width)}")
+            images.append(image)
+            stems.append(out_stem)
+            paths.append(path)
+        except BadInput as error:
+            fail(path, error)
+    if not images:
+        return []
+    try:
+        predictions = segment(model, images, device, options, protocol)
+    except (torch.OutOfMemoryError, RuntimeError):
+        predictions = segment_one_by_one(model, images, paths, device, options, protocol, fail)
+    return list(zip(images, stems, predictions))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="python -m vocseg predict", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
@@ -136,54 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for path, reason in missing:
         fail(path, reason)
-
-    # Group by size (read from the headers) so a batch needs no padding, which would change the predictions.
-    sized, claimed = [], {}
-    for path, out_stem in files:
-        try:
-            if out_stem in claimed:
-                raise BadInput(f"its output {out / out_stem}.png would overwrite that of {claimed[out_stem]}")
-            if (out / f"{out_stem}.png").resolve() == path.resolve():
-                raise BadInput("its output would overwrite the input itself: choose another --out")
-            claimed[out_stem] = path
-            size = image_size(path, args.max_megapixels * 1e6)
-            check_large_enough(size, model.min_input_size, min(options["scales"]), model.name)
-            sized.append((size, path, out_stem))
-        except BadInput as error:
-            fail(path, error)
-    sized.sort(key=lambda item: item[0])
-    batches = []
-    for _, same_size in groupby(sized, key=lambda item: item[0]):
-        same_size = list(same_size)
-        batches += [same_size[i:i + args.batch_size] for i in range(0, len(same_size), args.batch_size)]
     done = 0
-    for batch in tqdm(batches, desc="predict", unit="batch"):
-        images, stems = [], []
-        for (height, width), path, out_stem in batch:
-            try:
-                image = read_image(path)
-                if image.shape[:2] != (height, width):  # never seen; it would break the batch below
-                    raise BadInput(f"decoded size {image.shape[:2]} differs from the header's {(height, width)}")
-                images.append(image)
-                stems.append(out_stem)
-            except BadInput as error:
-                fail(path, error)
-        if not images:
-            continue
-        paths = [path for (_, path, out_stem) in batch if out_stem in stems]
-        try:
-            predictions = segment(model, images, device, options, protocol)
-        except (torch.OutOfMemoryError, RuntimeError):
-            predictions = []  # a batch too big for memory: retry one image at a time, failing only those that don't fit
-            for image, path in zip(images, paths):
-                try:
-                    predictions += segment(model, [image], device, options, protocol)
-                except (torch.OutOfMemoryError, RuntimeError) as error:
-                    predictions.append(None)
-                    hint = "; try --mode slide" if options["mode"] == "whole" and max(image.shape[:2]) > options[
-                        "crop_size"] else ""
-                    fail(path, f"prediction failed ({str(error).splitlines()[0][:200]}){hint}")
-        for image, out_stem, prediction in zip(images, stems, predictions):
+    for batch in tqdm(size_batches(files, out, model, options, args, fail), desc="predict", unit="batch"):
+        for image, out_stem, prediction in predict_batch(batch, model, device, options, protocol, fail):
             if prediction is not None:
                 save_prediction(image, prediction, out / out_stem)
                 done += 1
