@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_MIOU = 0.7
 TARGET_WALL_S = 300.0
 DEMO_DATA = "synthetic-demo-v1-seed0"
-SMOKE_ARGS = ["--max_train_steps", "2", "--eval_steps", "2", "--checkpointing_steps", "2", "--max_eval_samples", "2",
-              "--logging_steps", "1", "--crop_size", "64"]
+SMOKE_ARGS = ["--max_train_steps", "2", "--lr_warmup_steps", "1", "--eval_steps", "2", "--checkpointing_steps", "2",
+              "--max_eval_samples", "2", "--logging_steps", "1", "--crop_size", "64"]
 
 
 def loadavg() -> str:
