@@ -4,6 +4,7 @@ sample once."""
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,3 +74,33 @@ def test_two_processes_score_every_sample_exactly_once(tmp_path):
             labelled += int((sample["labels"] != IGNORE_INDEX).sum())
     assert int(two_processes.sum()) == labelled, "samples counted twice (or lost) across processes"
     assert torch.equal(two_processes, expected)
+
+
+def checkpoint_on_a_full_disk(output_dir: str, result_prefix: str) -> None:
+    import vocseg.checkpoint as checkpoint
+    from vocseg.errors import DiskFull
+
+    def no_space(folder, needed):
+        raise DiskFull(f"not enough space for a checkpoint in {folder}: 100 bytes needed, 1 free")
+
+    checkpoint._check_free_space = no_space  # only the main process checks; every rank must stop
+    accelerator = Accelerator(cpu=True)
+    try:
+        checkpoint.save_checkpoint(accelerator, output_dir, 1, None)
+        outcome = "saved"
+    except DiskFull as error:
+        outcome = f"DiskFull: {error}"
+    Path(f"{result_prefix}.rank{accelerator.process_index}").write_text(outcome)
+
+
+def test_a_full_disk_stops_every_rank_with_the_main_process_error(tmp_path):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        launch_on_two_cpu_processes(checkpoint_on_a_full_disk, str(tmp_path / "run"), str(tmp_path / "outcome"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    outcomes = [(tmp_path / f"outcome.rank{rank}").read_text() for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0].startswith("DiskFull: not enough space for a checkpoint in ")
+    assert "100 bytes needed" in outcomes[0]
+    assert not list((tmp_path / "run").glob(".tmp-*"))

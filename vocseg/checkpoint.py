@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from vocseg.errors import DiskFull, UsageError
+from vocseg.errors import DiskFull, UsageError, on_main_then_everywhere
 
 logger = logging.getLogger("vocseg")
 
@@ -107,11 +107,13 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None,
     staging = output_dir / f".tmp-{checkpoint_name(step)}"
     previous = list_checkpoints(output_dir)
     needed = folder_size(previous[-1]) if previous else 0
-    if accelerator.is_main_process:
+
+    def prepare() -> None:
         shutil.rmtree(staging, ignore_errors=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         _check_free_space(output_dir, needed)
-    accelerator.wait_for_everyone()
+
+    on_main_then_everywhere(accelerator, prepare)  # a full disk stops every rank, not the main one alone
     try:
         accelerator.save_state(str(staging))
         if accelerator.is_main_process and run_config is not None:

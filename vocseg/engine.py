@@ -35,7 +35,7 @@ from vocseg.data import load_split
 from vocseg.data.sources import check_split_available
 from vocseg.data.synthetic import make_synthetic_tree
 from vocseg.data.transforms import SegmentationTransform, augments_for, collate, normalize_on_device, with_augmentation
-from vocseg.errors import EvaluationFailed, TrainingDiverged, UsageError
+from vocseg.errors import EvaluationFailed, TrainingDiverged, UsageError, on_main_then_everywhere
 from vocseg.inference import logits_at_label_size, predict_logits
 from vocseg.log import setup_logging
 from vocseg.losses import segmentation_loss
@@ -44,8 +44,7 @@ from vocseg.models import build_model, export_model
 from vocseg.optim import build_optimizer, build_scheduler
 from vocseg.progress import TrainProgress, progress_bar
 from vocseg.reporting import TensorBoardReporter, Reporters
-from vocseg.run_folder import (check_resume_config, check_shared_folder, check_output_dir_free, claim_folder,
-                               on_main_then_everywhere)
+from vocseg.run_folder import check_output_dir_free, check_resume_config, check_shared_folder, claim_folder
 from vocseg.sampling import EpochShuffleSampler, eval_batches, sample_sizes
 from vocseg.remote import resolve_mixed_precision
 from vocseg.tracking import Reporter, adopt_task_run, connect_config, sample_panel, start_task, uses_clearml

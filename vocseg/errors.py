@@ -44,6 +44,28 @@ class EvaluationFailed(VocsegError):
     """An evaluation could not run (e.g. out of memory on a huge image); training state is already saved."""
 
 
+def on_main_then_everywhere(state, work, *args):
+    """Run `work` on the main process and broadcast its result; a known error is raised on every rank.
+
+    Without this, a main process that refuses (folder in use, bad value from the server, ...) would leave
+    the other ranks waiting in the next collective until the NCCL timeout.
+    """
+    payload = [None, None]
+    if state.is_main_process:
+        try:
+            payload = [work(*args), None]
+        except VocsegError as error:
+            payload = [None, (type(error), str(error))]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(payload)
+    if payload[1] is not None:
+        error_type, message = payload[1]
+        raise error_type(message)
+    return payload[0]
+
+
 # Raised by libraries or the data layer with messages that already name the file: a user error, not a bug.
 _USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError)
 

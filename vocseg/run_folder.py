@@ -21,10 +21,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 
 from vocseg.checkpoint import clean_stale_temporaries, resolve_resume, supersede_later_checkpoints
-from vocseg.errors import UsageError, VocsegError
+from vocseg.errors import UsageError
 
 logger = logging.getLogger("vocseg")
 
@@ -202,26 +202,6 @@ def check_resume_config(saved: dict, cfg_values: dict, allow: bool, output_dir: 
 
 
 # ------------------------------------------------------------------------------------ every rank, together
-
-def on_main_then_everywhere(state, work, *args):
-    """Run `work` on the main process and broadcast its result; a known error is raised on every rank.
-
-    Without this, a main process that refuses (folder in use, bad value from the server, ...) would leave
-    the other ranks waiting in the next collective until the NCCL timeout.
-    """
-    payload = [None, None]
-    if state.is_main_process:
-        try:
-            payload = [work(*args), None]
-        except VocsegError as error:
-            payload = [None, (type(error), str(error))]
-    if state.num_processes > 1:
-        broadcast_object_list(payload)
-    if payload[1] is not None:
-        error_type, message = payload[1]
-        raise error_type(message)
-    return payload[0]
-
 
 def check_shared_folder(state, output_dir: Path, token: str) -> None:
     """Every rank must see the main process's lock file in output_dir (multi-node: a shared filesystem)."""
