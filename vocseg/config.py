@@ -150,9 +150,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "Optim", "micro-batches per optimiser step")
     max_grad_norm: float | None = _f(None, "Optim", "clip gradients to this norm (none: no clipping)")
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "Optim", "non-finite loss or gradient norm: stop the run "
-                                               "(nothing is saved from it), or skip that step (one host sync per "
-                                               "step; for fp16) and stop after max_nonfinite_steps")
-    max_nonfinite_steps: int = _f(10, "Optim", "with on_nonfinite skip: give up after this many skipped steps")
+                                               "(nothing is saved from it), or skip that step (fp32/bf16; one host "
+                                               "sync per step) and stop after max_nonfinite_steps skipped steps; "
+                                               "fp16's GradScaler skips overflowing steps itself")
+    max_nonfinite_steps: int = _f(10, "Optim", "skipped steps before giving up (on_nonfinite skip: in all; fp16 "
+                                  "scaler skips: in a row)")
 
     def __post_init__(self):
         self.photometric = _photometric_mode(self.photometric)
