@@ -145,10 +145,13 @@ def test_unseeded_augmentation_differs_between_dataloader_workers(colour_coded):
     """Forked workers inherit albumentations' RNG state; unseeded views must still draw independently."""
     from torch.utils.data import DataLoader
 
+    copies = 8
     same_image = datasets.Dataset.from_dict(
-        {"id": ["a", "b"], "image": [colour_coded[2]["image"]] * 2, "label": [colour_coded[2]["label"]] * 2},
-        features=FEATURES)
+        {"id": [str(i) for i in range(copies)], "image": [colour_coded[2]["image"]] * copies,
+         "label": [colour_coded[2]["label"]] * copies}, features=FEATURES)
     view = with_augmentation(same_image, build_train_augment(crop_size=64))
     loader = DataLoader(view, batch_size=1, num_workers=2, collate_fn=collate)
-    first, second = [batch["pixel_values"] for batch in loader]
-    assert not torch.equal(first, second)
+    crops = [batch["pixel_values"] for batch in loader]
+    # Worker 0 draws for items 0, 2, 4, 6 and worker 1 for 1, 3, 5, 7: with a copied RNG state every pair would be
+    # equal. One pair can be equal by chance (two crops inside one flat colour block), not all four.
+    assert not all(torch.equal(crops[i], crops[i + 1]) for i in range(0, copies, 2))
